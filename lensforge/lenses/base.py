@@ -1,0 +1,148 @@
+"""The Lens interface: transform a hidden state of layer l, then unembed.
+
+Every lens is `z_l = unembed(h_l + delta_l(h_l))`; lens types differ only in delta.
+Per-layer parameters are stacked into [L, ...] tensors so all layers can be applied
+in one batched matmul during training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from lensforge import __version__
+from lensforge.errors import ConfigError, LensMismatchError, ShapeError
+
+
+@dataclass
+class LensConfig:
+    """Travels with every saved lens; ties it to its model via the unembedding hash."""
+
+    lens_type: str
+    n_layers: int
+    hidden_size: int
+    vocab_size: int | None = None
+    rank: int | None = None
+    bias: bool = True
+    model_id: str = "unknown"
+    family: str | None = None
+    unembed_hash: str | None = None
+    lensforge_version: str = __version__
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LensConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class Lens(nn.Module):
+    """Base class. Subclasses implement `delta(h, idx)` and `delta_all(hs)`."""
+
+    lens_type: ClassVar[str] = "base"
+
+    def __init__(self, config: LensConfig) -> None:
+        super().__init__()
+        if config.n_layers < 1 or config.hidden_size < 1:
+            raise ConfigError("a lens needs n_layers >= 1 and hidden_size >= 1")
+        self.config = config
+        # Not registered as a submodule: the unembedding belongs to the model and must
+        # never be saved with (or trained as part of) the lens.
+        self._unembed: nn.Module | None = None
+
+    # ------------------------------------------------------------ binding
+    @classmethod
+    def from_model(cls, adapter: object, **kwargs: object) -> Lens:
+        """A fresh lens sized for `adapter` (a ModelAdapter) and bound to its unembedding."""
+        config = LensConfig(
+            lens_type=cls.lens_type,
+            n_layers=adapter.n_layers,
+            hidden_size=adapter.hidden_size,
+            vocab_size=adapter.vocab_size,
+            model_id=adapter.model_id,
+            family=adapter.family,
+            unembed_hash=adapter.unembedding_hash(),
+        )
+        lens = cls(config, **kwargs)
+        lens.to(adapter.device)
+        return lens.bind(adapter)
+
+    def bind(self, adapter: object, *, allow_mismatch: bool = False) -> Lens:
+        """Attach the model's unembedding; refuse a lens built for another model."""
+        check_compatible(self.config, adapter, allow_mismatch=allow_mismatch)
+        self._unembed = adapter.unembed
+        return self
+
+    @property
+    def unembed(self) -> nn.Module:
+        if self._unembed is None:
+            raise ConfigError("lens is not bound to a model: call lens.bind(adapter) first")
+        return self._unembed
+
+    # ------------------------------------------------------------- compute
+    @property
+    def n_layers(self) -> int:
+        return self.config.n_layers
+
+    def delta(self, h: Tensor, idx: int) -> Tensor:
+        raise NotImplementedError
+
+    def delta_all(self, hs: Tensor) -> Tensor:
+        """hs: [L, N, H] (layer-major) -> the per-layer deltas, same shape."""
+        return torch.stack([self.delta(hs[i], i) for i in range(hs.shape[0])])
+
+    def transform_hidden(self, h: Tensor, idx: int) -> Tensor:
+        """h: [..., H] residual stream entering block idx -> lens-aligned state [..., H]."""
+        self._check(h, idx)
+        return h + self.delta(h, idx)
+
+    def transform_all(self, hs: Tensor) -> Tensor:
+        """hs: [L, ..., H], layers 0..L-1 in order -> lens-aligned states, same shape."""
+        if hs.dim() < 2 or hs.shape[0] != self.n_layers or hs.shape[-1] != self.config.hidden_size:
+            raise ShapeError(
+                f"expected hidden states [{self.n_layers}, ..., {self.config.hidden_size}], "
+                f"got {tuple(hs.shape)}"
+            )
+        flat = hs.reshape(hs.shape[0], -1, hs.shape[-1])
+        return (flat + self.delta_all(flat)).reshape(hs.shape)
+
+    def forward(self, h: Tensor, idx: int) -> Tensor:
+        """h: [..., H] -> logits [..., V] (transform, then unembed)."""
+        return self.unembed(self.transform_hidden(h, idx))
+
+    def _check(self, h: Tensor, idx: int) -> None:
+        if h.shape[-1] != self.config.hidden_size:
+            raise ShapeError(
+                f"hidden state has width {h.shape[-1]} but this lens expects "
+                f"{self.config.hidden_size} (lens for {self.config.model_id})"
+            )
+        if not 0 <= idx < self.n_layers:
+            raise ShapeError(f"layer index {idx} out of range 0..{self.n_layers - 1}")
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def check_compatible(config: LensConfig, adapter: object, *, allow_mismatch: bool = False) -> None:
+    """Raise LensMismatchError when a lens does not belong to this model."""
+    if config.hidden_size != adapter.hidden_size or config.n_layers != adapter.n_layers:
+        raise LensMismatchError(
+            f"lens for {config.model_id} (L={config.n_layers}, H={config.hidden_size}) cannot be "
+            f"used on {adapter.model_id} (L={adapter.n_layers}, H={adapter.hidden_size})"
+        )
+    if (
+        not allow_mismatch
+        and config.unembed_hash is not None
+        and config.unembed_hash != adapter.unembedding_hash()
+    ):
+        raise LensMismatchError(
+            f"lens was trained for {config.model_id} (unembedding {config.unembed_hash}) but "
+            f"this model's unembedding is {adapter.unembedding_hash()}; pass "
+            "--allow-mismatch (allow_mismatch=True) to use it anyway, e.g. for transfer"
+        )

