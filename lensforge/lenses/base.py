@@ -76,7 +76,9 @@ class Lens(nn.Module):
     def bind(self, adapter: object, *, allow_mismatch: bool = False) -> Lens:
         """Attach the model's unembedding; refuse a lens built for another model."""
         check_compatible(self.config, adapter, allow_mismatch=allow_mismatch)
-        self._unembed = adapter.unembed
+        # object.__setattr__: nn.Module.__setattr__ would register the unembedding as a
+        # submodule, putting the model's W_U into the lens's parameters and state_dict.
+        object.__setattr__(self, "_unembed", adapter.unembed)
         return self
 
     @property

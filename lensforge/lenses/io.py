@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lensforge.errors import CheckpointError, LensMismatchError
@@ -59,9 +61,11 @@ def load_lens(
         if cls is not LogitLens:
             try:
                 state = load_file(str(folder / WEIGHTS_FILE))
-            except (OSError, RuntimeError) as exc:
+            except (OSError, RuntimeError, SafetensorError) as exc:
                 raise CheckpointError(f"cannot read {folder / WEIGHTS_FILE}: {exc}") from exc
             if isinstance(lens, LowRankLens):  # shapes follow the saved rank
+                if "up" not in state or state["up"].dim() != 3:
+                    raise CheckpointError(f"{folder / WEIGHTS_FILE} has no low-rank 'up' tensor")
                 lens = LowRankLens(config, rank=state["up"].shape[-1])
             _load_state(lens, state, folder)
     if adapter is not None:
@@ -92,7 +96,7 @@ def import_tuned_lens(folder: str | os.PathLike) -> TunedLens:
     try:
         cfg = json.loads((folder / CONFIG_FILE).read_text())
         state = torch.load(folder / "params.pt", map_location="cpu", weights_only=True)
-    except (OSError, json.JSONDecodeError, RuntimeError) as exc:
+    except (OSError, json.JSONDecodeError, RuntimeError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"cannot read tuned-lens checkpoint at {folder}: {exc}") from exc
     if "d_model" not in cfg or "num_hidden_layers" not in cfg:
         raise CheckpointError(f"{folder / CONFIG_FILE} lacks d_model/num_hidden_layers")
