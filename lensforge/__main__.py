@@ -1,0 +1,5 @@
+import sys
+
+from lensforge.cli.main import main
+
+sys.exit(main())

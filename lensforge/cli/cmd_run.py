@@ -1,0 +1,78 @@
+"""lensforge run: the main job — train a LoRA-Lens on the default model and corpus,
+evaluate it against the logit lens on held-out text, write results and a plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from lensforge.cli.cmd_eval import evaluate_to_folder
+from lensforge.cli.common import add_model_args, load_model_from_args, positive
+from lensforge.training import TrainConfig, train
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="the main job: train + evaluate a LoRA-Lens on the default model",
+        description="Train a LoRA-Lens (k=32) on the built-in model and corpus, evaluate it "
+                    "against the logit lens on held-out text, write lenses, metrics, plot and "
+                    "an HTML report into OUT.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_args(p)
+    p.add_argument("--data", default="stdlib", help="training text (held-out split evaluated)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("-k", type=positive, default=32, help="LoRA rank divisor")
+    p.add_argument("--init-tokens", type=int, default=32_768, help="closed-form statistics tokens")
+    p.add_argument("--tokens", type=int, default=32_768, help="KL fine-tuning tokens")
+    p.add_argument("--eval-tokens", type=positive, default=16_384, help="held-out tokens")
+    p.add_argument("--seq-len", type=positive, default=512)
+    p.add_argument("--batch-size", type=positive, default=4)
+    p.add_argument("--out", default="runs/main", help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.set_defaults(func=run_main)
+
+
+def run_main(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    adapter = load_model_from_args(args)
+    t_load = time.perf_counter() - t0
+    cfg = TrainConfig(model=args.model, data=args.data, text_field=args.text_field,
+                      lens_types=["lowrank"], k=args.k, init_tokens=args.init_tokens,
+                      tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
+                      tokens_per_step=max(8192, args.seq_len * args.batch_size),
+                      dtype=args.dtype, lr=3e-4, out=str(out / "train"))
+    result = train(cfg, adapter, resume=args.resume)
+    t_train = time.perf_counter() - t0 - t_load
+    results = evaluate_to_folder(adapter, result.lenses, args.data, args.text_field,
+                                 args.seq_len, args.batch_size, args.eval_tokens, out, None)
+    timings = {"load_s": t_load, "train_s": t_train, **result.timings,
+               "eval_s": time.perf_counter() - t0 - t_load - t_train,
+               "total_s": time.perf_counter() - t0}
+    lora = next(name for name in results if name.startswith("lora"))
+    summary = {
+        "model": adapter.describe(),
+        "train_config": cfg.to_dict(),
+        "timings": timings,
+        "mean_kl": {name: res["mean"]["kl"] for name, res in results.items()},
+        "kl_ratio_lora_over_logit": results[lora]["mean"]["kl"] / results["logit"]["mean"]["kl"],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_report(out)
+    print(f"mean held-out KL: logit {summary['mean_kl']['logit']:.3f} nats, {lora} "
+          f"{summary['mean_kl'][lora]:.3f} nats (ratio {summary['kl_ratio_lora_over_logit']:.2f}); "
+          f"total {timings['total_s'] / 60:.1f} min")
+    return 0
+
+
+def _write_report(out: Path) -> None:
+    """The HTML report, when the report module is available."""
+    try:
+        from lensforge.viz.report import write_run_report
+    except ImportError:
+        return
+    path = write_run_report(out)
+    print(f"report: {path}")

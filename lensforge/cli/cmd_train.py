@@ -1,0 +1,69 @@
+"""lensforge train: closed-form init then KL fine-tuning of one or more lenses."""
+
+from __future__ import annotations
+
+import argparse
+
+from lensforge.cli.common import add_data_args, add_model_args, load_model_from_args, positive
+from lensforge.training import OPTIMIZER_DEFAULTS, TrainConfig, train
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    d = TrainConfig()
+    p = sub.add_parser(
+        "train", help="train tuned / LoRA lenses",
+        description="Train lenses against the model's final distribution (KL), starting from "
+                    "the closed-form least-squares fit. Writes OUT/lenses/<name>/ and "
+                    "OUT/checkpoint/ (resumable).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_args(p)
+    add_data_args(p)
+    g = p.add_argument_group("lenses")
+    g.add_argument("--lens", dest="lens_types", nargs="+", default=d.lens_types,
+                   choices=["lowrank", "tuned"], help="lens types to train (one forward pass)")
+    g.add_argument("--rank", type=positive, help="LoRA rank r (overrides -k)")
+    g.add_argument("-k", type=positive, default=d.k, help="LoRA rank divisor: r = floor(H/k)")
+    g.add_argument("--extra-k", dest="ranks_k", type=positive, nargs="*", default=[],
+                   help="also train LoRA lenses with these divisors k")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--init", choices=["closed-form", "zero"], default=d.init)
+    g.add_argument("--init-tokens", type=int, default=d.init_tokens,
+                   help="tokens of statistics for the closed-form init")
+    g.add_argument("--ridge", type=float, default=d.ridge, help="relative ridge penalty")
+    g.add_argument("--optimizer", choices=sorted(OPTIMIZER_DEFAULTS), default=d.optimizer,
+                   help=f"defaults: {OPTIMIZER_DEFAULTS}")
+    g.add_argument("--lr", type=float, help="learning rate (default: optimizer's)")
+    g.add_argument("--weight-decay", type=float, help="weight decay (default: optimizer's)")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD Nesterov momentum")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--tokens", type=int, default=d.tokens,
+                   help="KL fine-tuning token budget (0: closed form only)")
+    g.add_argument("--tokens-per-step", type=positive, default=d.tokens_per_step,
+                   help="tokens per optimizer step (gradient accumulation)")
+    g.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip (0: off)")
+    g.add_argument("--token-chunk", type=positive, default=d.token_chunk,
+                   help="tokens per logits block (memory bound)")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=d.out, help="output folder")
+    g.add_argument("--checkpoint-every", type=positive, default=d.checkpoint_every,
+                   help="steps between atomic checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_train)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+
+
+def run_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    cfg.validate()
+    adapter = load_model_from_args(args)
+    result = train(cfg, adapter, resume=args.resume, progress=not args.no_progress)
+    for name in result.lenses:
+        print(f"wrote {result.out / 'lenses' / name}")
+    return 0
