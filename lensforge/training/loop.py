@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -86,9 +87,37 @@ def make_optimizer(cfg: TrainConfig, params: list[Tensor]) -> torch.optim.Optimi
     return torch.optim.AdamW(params, lr=s["lr"], betas=s["betas"], weight_decay=s["weight_decay"])
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+@dataclass(frozen=True)
+class StepPlan:
+    """The schedule of a run on `world` data-parallel ranks.
+
+    Token budgets (tokens, tokens_per_step, init_tokens) are global; batch_size is per rank.
+    So an optimizer step sees the same global sequences on any world size, and a run
+    resumes on a different world size as if nothing had changed.
+    """
+
+    accumulation: int  # micro-batches per rank per optimizer step
+    total_steps: int
+    init_batches: int  # closed-form micro-batches per rank
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, world: int = 1) -> StepPlan:
+        global_micro = cfg.micro_tokens * world
+        if world > 1 and cfg.tokens_per_step < global_micro:
+            raise ConfigError(
+                f"--tokens-per-step {cfg.tokens_per_step} is less than one micro-batch on "
+                f"{world} ranks ({world} x --batch-size x --seq-len = {global_micro}); "
+                "lower --batch-size or raise --tokens-per-step"
+            )
+        accumulation = max(1, cfg.tokens_per_step // global_micro)
+        return cls(accumulation=accumulation,
+                   total_steps=cfg.tokens // (accumulation * global_micro),
+                   init_batches=max(1, math.ceil(cfg.init_tokens / global_micro)))
+
+
+def lr_factor(step: int, cfg: TrainConfig, total_steps: int | None = None) -> float:
     """Linear warmup, then linear decay to zero at the last step."""
-    total = max(1, cfg.total_steps)
+    total = max(1, cfg.total_steps if total_steps is None else total_steps)
     if step < cfg.warmup_steps:
         return (step + 1) / (cfg.warmup_steps + 1)
     return max(0.0, 1.0 - (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
@@ -116,7 +145,8 @@ def train(
     rank = getattr(dist, "rank", 0)
     world = getattr(dist, "world_size", 1)
     is_main = rank == 0
-    torch.manual_seed(cfg.seed)
+    plan = StepPlan.of(cfg, world)
+    torch.manual_seed(cfg.seed)  # same seed on every rank: identical lens init
     stream = make_stream(cfg, adapter, rank=rank, world_size=world)
     lenses = build_lenses(cfg, adapter)
     params = [p for lens in lenses.values() for p in lens.parameters()]
@@ -124,13 +154,17 @@ def train(
     timings: dict[str, float] = {}
     history: list[dict] = []
     start_step = 0
+    if is_main:  # rank 0 alone repairs a checkpoint left mid-swap, then all ranks read it
+        recover_dir(out / CHECKPOINT)
+    _barrier(dist)
     ckpt = recover_dir(out / CHECKPOINT)
     resumed = resume and ckpt is not None
     if resumed:
         start_step, history, timings = _load_checkpoint(ckpt, cfg, adapter, lenses, optimizer,
                                                         stream)
         if is_main:
-            print(f"resumed from {ckpt} at step {start_step}/{cfg.total_steps}")
+            print(f"resumed from {ckpt} at step {start_step}/{plan.total_steps}"
+                  + (f" on {world} ranks" if world > 1 else ""))
     elif ckpt is not None:
         raise CheckpointError(
             f"{out} already holds a checkpoint; pass --resume to continue it or choose "
@@ -140,30 +174,31 @@ def train(
     if not resumed:
         if cfg.init == "closed-form" and cfg.init_tokens > 0:
             t0 = time.perf_counter()
-            _closed_form_phase(cfg, adapter, lenses, rows, dist, progress and is_main)
+            _closed_form_phase(cfg, adapter, lenses, rows, dist, progress and is_main,
+                               n_batches=plan.init_batches)
             timings["closed_form_s"] = time.perf_counter() - t0
         if is_main:
             _save_checkpoint(out / CHECKPOINT, cfg, lenses, optimizer, stream, 0, history,
                              timings)
 
     t_train = time.perf_counter()
-    bar = _progress(cfg, start_step, progress and is_main)
-    tokens_done = start_step * cfg.accumulation * cfg.micro_tokens * world
-    for step in range(start_step, cfg.total_steps):
+    bar = _progress(cfg, start_step, progress and is_main, total=plan.total_steps)
+    tokens_done = start_step * plan.accumulation * cfg.micro_tokens * world
+    for step in range(start_step, plan.total_steps):
         t_step = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = cfg.optimizer_settings()["lr"] * lr_factor(step, cfg)
+            group["lr"] = cfg.optimizer_settings()["lr"] * lr_factor(step, cfg, plan.total_steps)
         step_kl = {name: torch.zeros(adapter.n_layers) for name in lenses}
-        for _ in range(cfg.accumulation):
+        for _ in range(plan.accumulation):
             batch = _next_batch(rows, cfg, tokens_done)
             hs = adapter.hidden_states(batch)
             layer_h, final_h = split_hidden(hs, adapter.n_layers)
             kls = kl_loss_backward(lenses, layer_h, final_h, adapter.unembed,
-                                   scale=1.0 / cfg.accumulation, token_chunk=cfg.token_chunk)
+                                   scale=1.0 / plan.accumulation, token_chunk=cfg.token_chunk)
             for name, kl in kls.items():
-                step_kl[name] += kl / cfg.accumulation
+                step_kl[name] += kl / plan.accumulation
             tokens_done += batch.numel() * world
-        if dist is not None:
+        if dist is not None:  # once per step, after accumulation: micro-batches never sync
             dist.all_reduce_grads(params)
         if cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
@@ -182,15 +217,16 @@ def train(
             first = next(iter(step_kl))
             bar.set_postfix(
                 loss=f"{record['kl_mean'][first]:.3f}",
-                tok_s=f"{cfg.accumulation * cfg.micro_tokens * world / dt:.0f}",
+                tok_s=f"{plan.accumulation * cfg.micro_tokens * world / dt:.0f}",
             )
             bar.update(1)
-        if is_main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.total_steps):
+        if is_main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == plan.total_steps):
             timings["kl_train_s"] = timings.get("kl_train_s", 0.0) + (
                 time.perf_counter() - t_train)
             t_train = time.perf_counter()
             _save_checkpoint(out / CHECKPOINT, cfg, lenses, optimizer, stream, step + 1,
                              history, timings)
+            _test_crash_point(step + 1)
     if bar is not None:
         bar.close()
     if is_main:
@@ -198,6 +234,7 @@ def train(
             save_lens(lens, out / "lenses" / name)
         (out / "train_history.json").write_text(json.dumps(
             {"config": cfg.to_dict(), "history": history, "timings": timings}, indent=2))
+    _barrier(dist)  # every rank returns only once rank 0's lenses are on disk
     return TrainResult(lenses=lenses, out=out, history=history, timings=timings)
 
 
@@ -215,9 +252,11 @@ def _next_batch(rows: Iterator[Tensor], cfg: TrainConfig, tokens_done: int) -> T
 
 
 def _closed_form_phase(cfg: TrainConfig, adapter: ModelAdapter, lenses: dict[str, Lens],
-                       rows: Iterator[Tensor], dist: object | None, progress: bool) -> None:
+                       rows: Iterator[Tensor], dist: object | None, progress: bool,
+                       n_batches: int | None = None) -> None:
     moments = MomentAccumulator(adapter.n_layers, adapter.hidden_size)
-    n_batches = max(1, math.ceil(cfg.init_tokens / cfg.micro_tokens))
+    if n_batches is None:
+        n_batches = max(1, math.ceil(cfg.init_tokens / cfg.micro_tokens))
     bar = _bar(n_batches, "closed-form statistics", progress)
     for _ in range(n_batches):
         batch = _next_batch(rows, cfg, moments.n)
@@ -240,11 +279,25 @@ def _bar(total: int, desc: str, enabled: bool) -> object | None:
     return tqdm(total=total, desc=desc, unit="batch", dynamic_ncols=True)
 
 
-def _progress(cfg: TrainConfig, start: int, enabled: bool) -> object | None:
-    bar = _bar(cfg.total_steps, "KL fine-tuning", enabled and cfg.total_steps > 0)
+def _progress(cfg: TrainConfig, start: int, enabled: bool,
+              total: int | None = None) -> object | None:
+    total = cfg.total_steps if total is None else total
+    bar = _bar(total, "KL fine-tuning", enabled and total > 0)
     if bar is not None:
         bar.update(start)
     return bar
+
+
+def _barrier(dist: object | None) -> None:
+    if dist is not None:
+        dist.barrier()
+
+
+def _test_crash_point(step: int) -> None:
+    """Tests only: LENSFORGE_TEST_DIE_AFTER_STEP=k kills rank 0 right after checkpoint k."""
+    die = os.environ.get("LENSFORGE_TEST_DIE_AFTER_STEP")
+    if die and int(die) == step and int(os.environ.get("RANK", "0")) == 0:
+        os._exit(75)
 
 
 # ------------------------------------------------------------------ checkpoints
