@@ -241,7 +241,7 @@ class PredictionTrajectory:
                 targets[row, :n] = _next_tokens(seqs[i])[start:end]
             hs = adapter.hidden_states(ids, attention_mask=mask)  # [L+1, B, W, H]
             grids = _lens_grids(hs, named, adapter.unembed, targets, top_k)
-            for row, (i, start, keep_from, end) in enumerate(batch):
+            for row, (_, start, keep_from, end) in enumerate(batch):
                 lo, hi = keep_from - start, end - start
                 results[order[b0 + row]] = {
                     name: _slice(grid, row, lo, hi) for name, grid in grids.items()}
