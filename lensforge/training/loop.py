@@ -200,6 +200,7 @@ def train(
             tokens_done += batch.numel() * world
         if dist is not None:  # once per step, after accumulation: micro-batches never sync
             dist.all_reduce_grads(params)
+            step_kl = {name: dist.average(kl) for name, kl in step_kl.items()}  # for the log
         if cfg.clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         optimizer.step()
