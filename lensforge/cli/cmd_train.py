@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 
 from lensforge.cli.common import add_data_args, add_model_args, load_model_from_args, positive
+from lensforge.errors import ConfigError
 from lensforge.training import OPTIMIZER_DEFAULTS, TrainConfig, train
+from lensforge.training.distributed import (
+    FSDP_NEEDS_TORCHRUN,
+    DistContext,
+    shard_model,
+    under_torchrun,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="steps between atomic checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group(
+        "scale-out", "under `torchrun --nproc-per-node N -m lensforge train ...` the data is "
+        "sharded over ranks; --batch-size is per rank, token budgets are global")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the frozen model's blocks over ranks (FSDP2 fully_shard)")
+    g.add_argument("--cpu-offload", action="store_true",
+                   help="with --fsdp: keep the block shards in CPU memory")
     p.set_defaults(func=run_train)
 
 
@@ -62,8 +76,29 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     cfg.validate()
-    adapter = load_model_from_args(args)
-    result = train(cfg, adapter, resume=args.resume, progress=not args.no_progress)
-    for name in result.lenses:
-        print(f"wrote {result.out / 'lenses' / name}")
+    if args.cpu_offload and not args.fsdp:
+        raise ConfigError("--cpu-offload only applies with --fsdp")
+    if args.fsdp and not under_torchrun():
+        raise ConfigError(FSDP_NEEDS_TORCHRUN)
+    ctx = DistContext.from_env(device=args.device)  # None unless launched by torchrun
+    try:
+        if ctx is not None:
+            # one device per rank (cuda:LOCAL_RANK); with --fsdp load on CPU first and let
+            # the sharding place each block's shard on the device
+            args.device = "cpu" if args.fsdp else str(ctx.device)
+        adapter = load_model_from_args(args)
+        if args.fsdp:
+            info = shard_model(adapter, ctx, cpu_offload=args.cpu_offload)
+            if ctx.is_main:
+                print(f"fsdp: {info['blocks']} blocks sharded over {ctx.world_size} ranks; rank 0 "
+                      f"holds {info['local_block_params']:,} of {info['block_params']:,} block "
+                      f"parameters{' (in CPU memory)' if args.cpu_offload else ''}")
+        result = train(cfg, adapter, resume=args.resume,
+                       progress=not args.no_progress, dist=ctx)
+    finally:
+        if ctx is not None:
+            ctx.close()
+    if ctx is None or ctx.is_main:
+        for name in result.lenses:
+            print(f"wrote {result.out / 'lenses' / name}")
     return 0
