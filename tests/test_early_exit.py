@@ -1,0 +1,242 @@
+"""Early-exit generation: exact when nothing exits, right KV cache when blocks are skipped."""
+
+from __future__ import annotations
+
+import math
+import string
+
+import pytest
+import torch
+
+from lensforge.cli.main import main
+from lensforge.early_exit import (
+    FullVocabCheck,
+    ShortlistCheck,
+    calm_threshold,
+    check_lambda,
+    generate,
+    should_exit,
+    top2_gap,
+)
+from lensforge.errors import ConfigError, LensMismatchError, ShapeError, UnsupportedModelError
+from lensforge.lenses import LogitLens, LowRankLens, load_lens, save_lens
+from lensforge.models import ModelAdapter
+
+from conftest import build_tiny_model
+
+PROMPT_LEN = 7
+
+
+def prompt(seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 128, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------ rule
+def test_calm_threshold_hand_values():
+    assert calm_threshold(0.5, 0, 10) == pytest.approx(0.45 + 0.1)
+    assert calm_threshold(1.0, 5, 10) == pytest.approx(0.9 + 0.1 * math.exp(-2.0))
+    assert calm_threshold(0.0, 10**6, 10) == pytest.approx(0.0, abs=1e-12)
+    assert should_exit(0.96, 1.0, 100, 10) and not should_exit(0.9, 1.0, 100, 10)
+    assert not should_exit(1.0, None, 0, 10)
+    with pytest.raises(ConfigError):
+        calm_threshold(0.5, 0, 0)
+
+
+def test_top2_gap():
+    probs = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.5, 0.0]])
+    assert torch.allclose(top2_gap(probs), torch.tensor([0.3, 0.0]))
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.01, float("nan"), "high"])
+def test_lambda_out_of_range(bad):
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        check_lambda(bad)
+
+
+# ------------------------------------------------------------------ exits off = model
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_exits_off_equals_model_generate(family):
+    model = build_tiny_model(family)
+    adapter = ModelAdapter(model, model_id=f"tiny-{family}")
+    ids = prompt(3)
+    n = 16
+    ref = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)[0, PROMPT_LEN:].tolist()
+    ours = generate(adapter, None, ids, n, lam=None, stop_tokens=())
+    assert ours.tokens == ref
+    assert ours.exit_layers == [adapter.n_layers] * n and ours.exit_rate == 0.0
+    # With a lens and λ = 1 nothing can pass Δ > 0.9 + 0.1·exp(-4i/N) on this model either.
+    lens = LogitLens.from_model(adapter)
+    strict = generate(adapter, lens, ids, n, lam=1.0, stop_tokens=())
+    assert strict.tokens == ref and strict.n_checks > 0
+
+
+def test_exits_off_stops_at_eos_like_generate():
+    model = build_tiny_model("qwen3")
+    adapter = ModelAdapter(model, model_id="tiny-qwen3")
+    ids = prompt(3)
+    ref = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, PROMPT_LEN:]
+    first = int(ref[3])  # pretend the 4th greedy token is EOS
+    ours = generate(adapter, None, ids, 16, lam=None, stop_tokens=[first])
+    assert ours.tokens == ref[: ours.tokens.index(first) + 1].tolist()
+
+
+# ------------------------------------------------------------ forced exit: KV content
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_forced_exit_fills_skipped_kv_from_exit_state(family):
+    from transformers import DynamicCache
+
+    model = build_tiny_model(family)
+    adapter = ModelAdapter(model, model_id=f"tiny-{family}")
+    lens = LogitLens.from_model(adapter)
+    L, j, n = adapter.n_layers, 1, 6
+    ids = prompt(5)
+    result, cache = generate(adapter, lens, ids, n, lam=None, force_exit_layer=j,
+                             stop_tokens=(), return_cache=True)
+    assert result.exit_layers == [L] + [j] * (n - 1)
+    assert result.n_checks == n - 1
+    total = PROMPT_LEN + n - 1  # the last token is never fed back
+    attn = adapter.layers[0].self_attn
+    for s in range(L):
+        assert cache.layers[s].keys.shape == (1, model.config.num_key_value_heads, total,
+                                              attn.head_dim)
+        assert cache.layers[s].values.shape == cache.layers[s].keys.shape
+
+    # Block 0 always runs, so h_1 of every position is the model's own (independent) h_1.
+    seq = torch.cat([ids[0], torch.tensor(result.tokens[:-1])])[None]
+    h1 = adapter.hidden_states(seq, layers=[j])[0]
+    rotary = model.model.rotary_emb
+    for p in range(PROMPT_LEN, total):
+        h = h1[:, p : p + 1]
+        cos, sin = rotary(h, torch.tensor([[p]]))
+        for s in range(j, L):
+            layer = adapter.layers[s]
+            direct = DynamicCache(config=model.config)  # the attention module's own k/v path
+            layer.self_attn(layer.input_layernorm(h), position_embeddings=(cos, sin),
+                            attention_mask=None, past_key_values=direct)
+            torch.testing.assert_close(cache.layers[s].keys[:, :, p], direct.layers[s].keys[:, :, 0])
+            torch.testing.assert_close(cache.layers[s].values[:, :, p],
+                                       direct.layers[s].values[:, :, 0])
+        # The exited token is the lens's top-1 at layer j.
+        assert result.tokens[p - PROMPT_LEN + 1] == int(lens(h1[0, p], j).argmax())
+    # Prompt positions come from the full-model prefill, untouched.
+    full = model(ids, use_cache=True).past_key_values
+    for s in range(L):
+        torch.testing.assert_close(cache.layers[s].keys[:, :, :PROMPT_LEN], full.layers[s].keys)
+
+
+def test_exit_layers_bound_the_checks():
+    adapter = ModelAdapter(build_tiny_model("llama"), model_id="tiny-llama")
+    lens = LogitLens.from_model(adapter)
+    res = generate(adapter, lens, prompt(), 8, lam=1.0, exit_layers=[2], stop_tokens=())
+    assert res.n_checks == 7 and res.settings["exit_layers"] == [2]
+    res = generate(adapter, lens, prompt(), 8, lam=1.0, exit_every=2, stop_tokens=())
+    assert res.settings["exit_layers"] == [2]
+    low = generate(adapter, lens, prompt(), 8, lam=0.0, min_layer=2, stop_tokens=())
+    assert all(j == 2 or j == adapter.n_layers for j in low.exit_layers)
+
+
+def test_sampling_is_seeded():
+    adapter = ModelAdapter(build_tiny_model("qwen3"), model_id="tiny-qwen3")
+    lens = LogitLens.from_model(adapter)
+    a = generate(adapter, lens, prompt(), 10, lam=0.2, do_sample=True, seed=7, stop_tokens=())
+    b = generate(adapter, lens, prompt(), 10, lam=0.2, do_sample=True, seed=7, stop_tokens=())
+    assert a.tokens == b.tokens and a.exit_layers == b.exit_layers
+    greedy = generate(adapter, lens, prompt(), 10, lam=0.2, do_sample=True, top_k=1,
+                      stop_tokens=())
+    assert greedy.tokens == generate(adapter, lens, prompt(), 10, lam=0.2, stop_tokens=()).tokens
+
+
+# --------------------------------------------------------------------- shortlist check
+def test_shortlist_check_is_exact_on_the_same_state():
+    adapter = ModelAdapter(build_tiny_model("llama"), model_id="tiny-llama")
+    lens = LowRankLens.from_model(adapter, rank=4)
+    with torch.no_grad():
+        lens.up.normal_(0, 0.1)
+    h = torch.randn(adapter.hidden_size)
+    full = FullVocabCheck(lens)(h, 2)
+    short = ShortlistCheck(lens, k=8)
+    short.start_token()
+    first = short(h, 2)
+    second = short(h, 2)  # scored over the 8-token shortlist, tail-corrected
+    assert first.confidence == pytest.approx(full.confidence)
+    # Δ_S · m = Δ when the shortlist keeps the same mass share: exact on the same state.
+    assert second.confidence == pytest.approx(full.confidence, rel=1e-4)
+    assert second.candidates.shape == (8,) and second.greedy_token() == full.greedy_token()
+
+
+def test_shortlist_generation_runs_and_counts_checks():
+    adapter = ModelAdapter(build_tiny_model("llama"), model_id="tiny-llama")
+    lens = LogitLens.from_model(adapter)
+    res = generate(adapter, lens, prompt(), 8, lam=0.5, shortlist=4, stop_tokens=())
+    assert res.settings["check"] == "shortlist" and len(res.tokens) == 8
+    with pytest.raises(ConfigError):
+        ShortlistCheck(lens, k=1)
+
+
+# ------------------------------------------------------------------------- bad inputs
+def test_bad_inputs_give_clear_errors(tmp_path):
+    adapter = ModelAdapter(build_tiny_model("llama"), model_id="tiny-llama")
+    lens = LogitLens.from_model(adapter)
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        generate(adapter, lens, prompt(), 4, lam=1.5)
+    with pytest.raises(ConfigError, match="needs a lens"):
+        generate(adapter, None, prompt(), 4, lam=0.5)
+    with pytest.raises(ConfigError, match="1..2"):
+        generate(adapter, lens, prompt(), 4, lam=0.5, exit_layers=[3])
+    with pytest.raises(ShapeError):
+        generate(adapter, lens, torch.tensor([[500]]), 4, lam=0.5)
+    with pytest.raises(ShapeError):
+        generate(adapter, lens, torch.tensor([], dtype=torch.long), 4, lam=0.5)
+    # A lens saved for another model is refused at load time.
+    other = ModelAdapter(build_tiny_model("llama", seed=9), model_id="tiny-llama-9")
+    save_lens(LowRankLens.from_model(other, rank=4), tmp_path / "other")
+    with pytest.raises(LensMismatchError):
+        load_lens(tmp_path / "other", adapter)
+    # A lens of another width is refused by generate itself.
+    qwen3 = ModelAdapter(build_tiny_model("qwen3"), model_id="tiny-qwen3")
+    wide = LogitLens.from_model(qwen3)
+    wide.config.hidden_size = 64
+    with pytest.raises(LensMismatchError):
+        generate(qwen3, wide, prompt(), 4, lam=0.5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gemma2", "mistral"])
+def test_unsupported_families_say_what_is_supported(family):
+    adapter = ModelAdapter(build_tiny_model(family), model_id=f"tiny-{family}")
+    with pytest.raises(UnsupportedModelError, match="supported: llama"):
+        generate(adapter, None, prompt(), 4, lam=None)
+
+
+# ------------------------------------------------------------------------------ CLI
+def char_tokenizer():
+    """Character-level tokenizer inside the tiny models' 128-token vocabulary."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list(string.printable[:95]) + ["\n"]
+    vocab = {"[UNK]": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<bos>",
+                                   eos_token="<eos>", pad_token="<eos>")
+
+
+def test_cli_generate(tmp_path, capsys):
+    import json
+
+    folder = tmp_path / "tiny"
+    build_tiny_model("llama").save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    common = ["--model", str(folder), "--dtype", "float32", "--max-new-tokens", "6"]
+    rc = main(["generate", "Hello", "--lens", "logit", "--lambda", "0.3", "--json", *common])
+    assert rc == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["new_tokens"] <= 6 and 0.0 <= stats["exit_rate"] <= 1.0
+    assert stats["settings"]["lambda"] == 0.3
+    assert main(["generate", "Hello", "--lambda", "off", *common]) == 0
+    assert "exit rate 0.0%" in capsys.readouterr().out
+    assert main(["generate", "Hello", "--lens", "logit", "--lambda", "1.5", *common]) == 2
+    assert "[0, 1]" in capsys.readouterr().err
+    assert main(["generate", "Hello", "--lambda", "0.5", *common]) == 2
+    assert "--lens is required" in capsys.readouterr().err
