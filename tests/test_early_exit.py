@@ -7,6 +7,7 @@ import string
 
 import pytest
 import torch
+from conftest import build_tiny_model
 
 from lensforge.cli.main import main
 from lensforge.early_exit import (
@@ -21,8 +22,6 @@ from lensforge.early_exit import (
 from lensforge.errors import ConfigError, LensMismatchError, ShapeError, UnsupportedModelError
 from lensforge.lenses import LogitLens, LowRankLens, load_lens, save_lens
 from lensforge.models import ModelAdapter
-
-from conftest import build_tiny_model
 
 PROMPT_LEN = 7
 
