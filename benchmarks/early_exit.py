@@ -1,0 +1,208 @@
+"""Early-exit generation on SmolLM2-135M-Instruct with AlpacaEval instructions as prompts.
+
+For several λ and confidence checks: tokens/s against the same decoder with exits off
+(and against HF `generate`), exit rate, mean exit layer, and agreement with full-model
+greedy decoding: token-level (each emitted token against the full model's token for
+the same prefix, by one teacher-forced forward pass), position-wise against the
+free-running full greedy output, and whole-sequence exact match. Also the cost of one
+lens check against one decoder layer. Configurations are interleaved per prompt, so a
+shared machine's changing load hits them alike.
+
+    .venv/bin/python benchmarks/early_exit.py --lens /tmp/lens_ee/lenses/lowrank_k32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import machine_description, update_section  # noqa: E402
+
+from lensforge.data import alpaca_instructions, format_chat  # noqa: E402
+from lensforge.early_exit import generate, make_check, propagated_kv  # noqa: E402
+from lensforge.lenses import load_lens  # noqa: E402
+from lensforge.models import load_model  # noqa: E402
+
+# (label, generate kwargs); "off" is the reference decoder with exits switched off.
+CONFIGS: list[tuple[str, dict]] = [
+    ("off", {"lam": None}),
+    ("λ=0.9 full, every layer", {"lam": 0.9}),
+    ("λ=0.9 full, every 4th", {"lam": 0.9, "exit_every": 4}),
+    ("λ=0.9 shortlist64, every 2nd", {"lam": 0.9, "exit_every": 2, "shortlist": 64}),
+    ("λ=0.8 shortlist64, every 2nd", {"lam": 0.8, "exit_every": 2, "shortlist": 64}),
+    ("λ=0.7 shortlist64, every 2nd", {"lam": 0.7, "exit_every": 2, "shortlist": 64}),
+    ("λ=0.8 full, every 4th", {"lam": 0.8, "exit_every": 4}),
+    ("λ=0.6 full, every 4th", {"lam": 0.6, "exit_every": 4}),
+]
+
+
+def timed(fn, repeat: int) -> float:
+    """Median seconds of fn() over `repeat` runs."""
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def check_costs(adapter, lens, repeat: int = 30) -> dict[str, float]:
+    """Milliseconds of one decoder layer (decode step, short cache), one full [1×V] lens
+    check, one shortlist-64 check, and one skipped layer's K/V propagation."""
+    from transformers import DynamicCache
+
+    model = adapter.model
+    ids = adapter.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    h = model.get_input_embeddings()(ids[:, -1:])
+    pos = torch.tensor([[ids.shape[1]]])
+    cos, sin = model.model.rotary_emb(h, pos)
+    layer = adapter.layers[10]
+
+    def run_layer() -> None:
+        layer(h, attention_mask=None, position_ids=pos, past_key_values=cache, use_cache=True,
+              position_embeddings=(cos, sin))
+        cache.layers[10].keys = cache.layers[10].keys[:, :, :-1]  # keep the cache length fixed
+        cache.layers[10].values = cache.layers[10].values[:, :, :-1]
+
+    full, short = make_check(lens, None), make_check(lens, 64)
+    short.start_token()
+    short(h[0, 0], 10)
+    return {
+        "decoder layer": 1e3 * timed(run_layer, repeat),
+        "full check [1×V]": 1e3 * timed(lambda: full(h[0, 0], 10), repeat),
+        "shortlist-64 check": 1e3 * timed(lambda: short(h[0, 0], 12), repeat),
+        "K/V propagation, one skipped layer": 1e3 * timed(
+            lambda: propagated_kv(layer, h, cos, sin), repeat),
+    }
+
+
+@torch.no_grad()
+def teacher_forced_tokens(adapter, prompt_ids: list[int], tokens: list[int]) -> list[int]:
+    """The full model's greedy token at each generated position, given the same prefix."""
+    seq = torch.tensor([prompt_ids + tokens[:-1]])
+    logits = adapter.model(input_ids=seq, use_cache=False).logits[0]
+    return logits[len(prompt_ids) - 1 :].argmax(-1).tolist()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lens", required=True, help="trained lens folder")
+    ap.add_argument("--lens-desc", default="", help="how the lens was trained (for the report)")
+    ap.add_argument("--prompts", type=int, default=10)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--load-note", default="", help="machine load while measuring")
+    ap.add_argument("--no-report", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    adapter = load_model("smollm2", dtype=args.dtype)
+    lens = load_lens(args.lens, adapter)
+    tok = adapter.tokenizer
+    instructions = alpaca_instructions()[: args.prompts]
+    prompts = [tok(format_chat(tok, s), return_tensors="pt", add_special_tokens=False).input_ids
+               for s in instructions]
+    N = sum(p.shape[1] for p in prompts) / len(prompts)  # the rule's average input length
+    costs = check_costs(adapter, lens)
+    print(json.dumps(costs, indent=2), flush=True)
+
+    generate(adapter, lens, prompts[0], 4, lam=0.9)  # warm-up
+    labels = [c[0] for c in CONFIGS] + ["HF generate"]
+    agg = {lab: {"seconds": 0.0, "tokens": 0, "exits": 0, "layer_sum": 0, "agree": 0,
+                 "exit_agree": 0, "pos_agree": 0, "exact": 0, "ref_len": 0} for lab in labels}
+    for n, ids in enumerate(prompts):
+        ref = None
+        for label, kwargs in CONFIGS:
+            res = generate(adapter, lens, ids, args.new_tokens, avg_input_len=N, **kwargs)
+            a = agg[label]
+            a["seconds"] += res.prefill_seconds + res.decode_seconds
+            a["tokens"] += len(res.tokens)
+            a["exits"] += sum(j < adapter.n_layers for j in res.exit_layers)
+            a["layer_sum"] += sum(res.exit_layers)
+            if ref is None:
+                ref = res.tokens
+            truth = teacher_forced_tokens(adapter, res.prompt_ids, res.tokens)
+            a["agree"] += sum(t == u for t, u in zip(res.tokens, truth, strict=True))
+            a["exit_agree"] += sum(t == u for t, u, j in zip(res.tokens, truth, res.exit_layers,
+                                                             strict=True) if j < adapter.n_layers)
+            a["pos_agree"] += sum(t == u for t, u in zip(res.tokens, ref, strict=False))
+            a["ref_len"] += len(ref)
+            a["exact"] += int(res.tokens == ref)
+        t = time.perf_counter()
+        out = adapter.model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False,
+                                     pad_token_id=tok.eos_token_id)
+        hf = agg["HF generate"]
+        hf["seconds"] += time.perf_counter() - t
+        hf_tokens = out[0, ids.shape[1]:].tolist()
+        hf["tokens"] += len(hf_tokens)
+        hf["layer_sum"] += adapter.n_layers * len(hf_tokens)
+        hf["pos_agree"] += sum(x == y for x, y in zip(hf_tokens, ref, strict=False))
+        hf["ref_len"] += len(ref)
+        hf["exact"] += int(hf_tokens == ref)
+        print(f"prompt {n + 1}/{len(prompts)} done", flush=True)
+
+    base = agg["off"]["tokens"] / agg["off"]["seconds"]
+    rows = []
+    for label in labels:
+        a = agg[label]
+        tps = a["tokens"] / a["seconds"]
+        is_hf = label == "HF generate"
+        rows.append({
+            "config": label, "tokens_per_s": tps, "speedup_vs_off": tps / base,
+            "exit_rate": a["exits"] / a["tokens"],
+            "mean_exit_layer": a["layer_sum"] / a["tokens"],
+            "token_agreement": None if is_hf else a["agree"] / a["tokens"],
+            "exit_precision": None if is_hf or not a["exits"] else a["exit_agree"] / a["exits"],
+            "position_agreement": a["pos_agree"] / a["ref_len"],
+            "exact_match": a["exact"] / len(prompts),
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    if not args.no_report:
+        write_report(args, rows, costs, N, adapter.n_layers)
+
+
+def write_report(args, rows: list[dict], costs: dict, N: float, L: int) -> None:
+    def pct(x: float | None) -> str:
+        return "–" if x is None else f"{100 * x:.1f}%"
+
+    lines = [
+        "## Early-exit generation (`benchmarks/early_exit.py`)",
+        "",
+        f"SmolLM2-135M-Instruct ({args.dtype}, L = {L}), {args.prompts} AlpacaEval instructions "
+        f"in the chat template (N = {N:.1f} tokens on average), greedy, up to {args.new_tokens} "
+        f"new tokens (EOS stops), batch 1, {args.threads} torch thread(s). Lens: {args.lens_desc}.",
+        f"Machine: {machine_description()}. {args.load_note} No GPU in this session.",
+        "",
+        "Token agreement: each emitted token against the full model's greedy token for the "
+        "same prefix (teacher-forced); exit precision: the same over exited tokens only; "
+        "position agreement and exact match: against the free-running full greedy output "
+        "(exits off).",
+        "",
+        "| config | tokens/s | speed-up vs off | exit rate | mean exit layer | token agreement "
+        "| exit precision | position agreement | exact match |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_off']:.2f}× | "
+            f"{pct(r['exit_rate'])} | {r['mean_exit_layer']:.1f} | {pct(r['token_agreement'])} | "
+            f"{pct(r['exit_precision'])} | {pct(r['position_agreement'])} | "
+            f"{pct(r['exact_match'])} |")
+    lines += ["", "Cost of one operation at batch 1 (median, ms):", "",
+              "| operation | ms |", "|---|---|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in costs.items()]
+    update_section("early_exit", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
