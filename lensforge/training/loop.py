@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from lensforge.training.config import TrainConfig
 from lensforge.training.loss import kl_loss_backward
 
 CHECKPOINT = "checkpoint"
+# Test/debug knob: seconds to sleep after each step, so a kill can land mid-run.
+_STEP_SLEEP = float(os.environ.get("LENSFORGE_TEST_STEP_SLEEP", "0"))
 
 
 @dataclass
@@ -205,6 +208,8 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if _STEP_SLEEP:
+            time.sleep(_STEP_SLEEP)
         dt = time.perf_counter() - t_step
         record = {
             "step": step + 1,
