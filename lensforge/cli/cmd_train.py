@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip (0: off)")
     g.add_argument("--token-chunk", type=positive, default=d.token_chunk,
                    help="tokens per logits block (memory bound)")
+    g.add_argument("--loss", choices=("fused", "reference"), default=d.loss,
+                   help="KL implementation: fused (batched layers, fast) or reference (oracle)")
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=d.out, help="output folder")

@@ -41,11 +41,14 @@ class TrainConfig:
     device: str = "cpu"
     checkpoint_every: int = 10
     token_chunk: int = 2048
+    loss: str = "fused"  # "fused" (fast_loss.py) | "reference" (loss.py, the oracle)
     out: str = "runs/train"
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZER_DEFAULTS:
             raise ConfigError(f"--optimizer must be one of {sorted(OPTIMIZER_DEFAULTS)}")
+        if self.loss not in ("fused", "reference"):
+            raise ConfigError("--loss must be 'fused' or 'reference'")
         if self.init not in ("closed-form", "zero"):
             raise ConfigError("--init must be 'closed-form' or 'zero'")
         for t in self.lens_types:

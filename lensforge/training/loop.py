@@ -28,6 +28,7 @@ from lensforge.models.adapter import ModelAdapter
 from lensforge.storage import atomic_dir, recover_dir
 from lensforge.training.closed_form import MomentAccumulator, closed_form_init
 from lensforge.training.config import TrainConfig
+from lensforge.training.fast_loss import fused_kl_loss_backward
 from lensforge.training.loss import kl_loss_backward
 
 CHECKPOINT = "checkpoint"
@@ -196,8 +197,9 @@ def train(
             batch = _next_batch(rows, cfg, tokens_done)
             hs = adapter.hidden_states(batch)
             layer_h, final_h = split_hidden(hs, adapter.n_layers)
-            kls = kl_loss_backward(lenses, layer_h, final_h, adapter.unembed,
-                                   scale=1.0 / plan.accumulation, token_chunk=cfg.token_chunk)
+            loss_fn = fused_kl_loss_backward if cfg.loss == "fused" else kl_loss_backward
+            kls = loss_fn(lenses, layer_h, final_h, adapter.unembed,
+                          scale=1.0 / plan.accumulation, token_chunk=cfg.token_chunk)
             for name, kl in kls.items():
                 step_kl[name] += kl / plan.accumulation
             tokens_done += batch.numel() * world
@@ -321,7 +323,7 @@ def _save_checkpoint(folder: Path, cfg: TrainConfig, lenses: dict[str, Lens],
 
 
 # Options that may differ on resume without changing the result.
-_RESUME_FREE = {"out", "checkpoint_every", "device"}
+_RESUME_FREE = {"out", "checkpoint_every", "device", "loss"}
 
 
 def _load_checkpoint(folder: Path, cfg: TrainConfig, adapter: ModelAdapter,
