@@ -65,8 +65,8 @@ def sweep_out(workspace: dict[str, Path]) -> Path:
     _run("sweep", "--model", str(workspace["a"]), "--dtype", "float32",
          "--data", str(workspace["text"]), "--eval-data", str(workspace["text"]),
          "--seq-len", "16", "--batch-size", "2", "--ks", "4", "16",
-         "--init-tokens", "256", "--tokens", "64", "--tokens-per-step", "32",
-         "--eval-tokens", "128", "--no-progress", "--out", str(out))
+         "--init-tokens", "128", "--tokens", "32", "--tokens-per-step", "32",
+         "--eval-tokens", "64", "--no-progress", "--out", str(out))
     return out
 
 
