@@ -6,6 +6,7 @@ import argparse
 
 from lensforge.cli.common import add_data_args, add_model_args, load_model_from_args, positive
 from lensforge.errors import ConfigError
+from lensforge.data import iter_documents
 from lensforge.training import OPTIMIZER_DEFAULTS, TrainConfig, train
 from lensforge.training.distributed import (
     FSDP_NEEDS_TORCHRUN,

@@ -114,7 +114,9 @@ def load_model(
     `verify`: run the exactness self-check (identity lens == model logits).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # keep stderr for our own messages
     torch_dtype = parse_dtype(dtype)
     source, gguf_file = resolve_model_source(spec)
     kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
