@@ -12,7 +12,7 @@ from conftest import build_tiny_model
 from lensforge.cli.main import main
 from lensforge.early_exit import (
     FullVocabCheck,
-    ShortlistCheck,
+    ScreenedCheck,
     calm_threshold,
     check_lambda,
     generate,
@@ -146,31 +146,44 @@ def test_sampling_is_seeded():
     assert greedy.tokens == generate(adapter, lens, prompt(), 10, lam=0.2, stop_tokens=()).tokens
 
 
-# --------------------------------------------------------------------- shortlist check
-def test_shortlist_check_is_exact_on_the_same_state():
+# ---------------------------------------------------------------------- screened check
+def test_screened_check_only_misses_exits_whose_top1_is_outside_the_shortlist():
     adapter = ModelAdapter(build_tiny_model("llama"), model_id="tiny-llama")
     lens = LowRankLens.from_model(adapter, rank=4)
     with torch.no_grad():
-        lens.up.normal_(0, 0.1)
-    h = torch.randn(adapter.hidden_size)
-    full = FullVocabCheck(lens)(h, 2)
-    short = ShortlistCheck(lens, k=8)
-    short.start_token()
-    first = short(h, 2)
-    second = short(h, 2)  # scored over the 8-token shortlist, tail-corrected
-    assert first.confidence == pytest.approx(full.confidence)
-    # Δ_S · m = Δ when the shortlist keeps the same mass share: exact on the same state.
-    assert second.confidence == pytest.approx(full.confidence, rel=1e-4)
-    assert second.candidates.shape == (8,) and second.greedy_token() == full.greedy_token()
+        lens.up.normal_(0, 0.5)
+    full = FullVocabCheck(lens)
+    screened = ScreenedCheck(lens, static=16, per_step=0, capacity=64)
+    screened.reset([20, 30])
+    in_shortlist = set(range(16)) | {20, 30}
+    assert screened.size == len(in_shortlist)
+    gen = torch.Generator().manual_seed(0)
+    seen = {"exit": 0, "skipped": 0}
+    for _ in range(200):
+        h = torch.randn(adapter.hidden_size, generator=gen) * 3
+        for threshold in (0.0, 0.02, 0.1, 0.3):
+            f, s = full(h, 2, threshold), screened(h, 2, threshold)
+            if s.exit:  # confirmed by a full check: same decision, same logits
+                assert f.exit and s.full and torch.equal(s.logits, f.logits)
+                seen["exit"] += 1
+            elif f.exit:  # a missed exit is only allowed when the top-1 is not screened
+                assert int(f.logits.argmax()) not in in_shortlist
+            if not s.full:
+                seen["skipped"] += 1
+    assert seen["exit"] > 0 and seen["skipped"] > 0  # both branches exercised
 
 
-def test_shortlist_generation_runs_and_counts_checks():
-    adapter = ModelAdapter(build_tiny_model("llama"), model_id="tiny-llama")
+def test_screened_generation_equals_full_when_the_shortlist_is_the_vocabulary():
+    adapter = ModelAdapter(build_tiny_model("qwen3"), model_id="tiny-qwen3")
     lens = LogitLens.from_model(adapter)
-    res = generate(adapter, lens, prompt(), 8, lam=0.5, shortlist=4, stop_tokens=())
-    assert res.settings["check"] == "shortlist" and len(res.tokens) == 8
+    kw = dict(lam=0.1, stop_tokens=())
+    full = generate(adapter, lens, prompt(), 12, check="full", **kw)
+    scr = generate(adapter, lens, prompt(), 12, check="screened", screen_static=128, **kw)
+    assert scr.tokens == full.tokens and scr.exit_layers == full.exit_layers
+    assert scr.n_checks == full.n_checks and scr.n_full_checks <= full.n_full_checks
+    assert full.n_full_checks == full.n_checks
     with pytest.raises(ConfigError):
-        ShortlistCheck(lens, k=1)
+        ScreenedCheck(lens, static=1)
 
 
 # ------------------------------------------------------------------------- bad inputs

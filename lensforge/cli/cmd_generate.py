@@ -29,8 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="check the lens only after every m-th block (default: every block)")
     p.add_argument("--min-layer", type=positive, default=1,
                    help="first residual index at which a token may exit")
-    p.add_argument("--shortlist", type=positive, default=None,
-                   help="after a token's first (full) check, score only its top-k lens tokens")
+    p.add_argument("--check", choices=("full", "screened"), default="screened",
+                   help="full: a [1 x V] lens unembedding per check; screened: score a token "
+                        "shortlist first and confirm exits with a full check (same exits, "
+                        "except ones whose lens top-1 is outside the shortlist)")
+    p.add_argument("--screen-static", type=positive, default=1024,
+                   help="screened check: the shortlist's most frequent token ids")
     p.add_argument("--max-new-tokens", type=positive, default=64, help="tokens to generate")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -70,7 +74,8 @@ def run_generate(args: argparse.Namespace) -> int:
         prompt = format_chat(tok, prompt)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=not args.chat).input_ids
     result = generate(adapter, lens, ids, args.max_new_tokens, lam, exit_every=args.exit_every,
-                      min_layer=args.min_layer, shortlist=args.shortlist,
+                      min_layer=args.min_layer, check=args.check,
+                      screen_static=args.screen_static,
                       do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
                       seed=args.seed)
     stats = result.summary()
@@ -81,7 +86,8 @@ def run_generate(args: argparse.Namespace) -> int:
     print(result.text)
     print("---")
     print(f"{stats['new_tokens']} tokens, exit rate {stats['exit_rate']:.1%}, mean exit layer "
-          f"{stats['mean_exit_layer']:.1f}/{adapter.n_layers}, {stats['lens_checks']} lens checks, "
+          f"{stats['mean_exit_layer']:.1f}/{adapter.n_layers}, {stats['lens_checks']} lens checks "
+          f"({stats['full_lens_checks']} full), "
           f"{stats['tokens_per_second']:.1f} tokens/s (prefill {stats['prefill_seconds']:.2f}s, "
           f"decode {stats['decode_seconds']:.2f}s)")
     return 0

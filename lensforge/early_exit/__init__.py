@@ -1,6 +1,6 @@
 """Early-exit generation from trained lenses (CALM rule, real block skipping)."""
 
-from lensforge.early_exit.confidence import CheckResult, FullVocabCheck, ShortlistCheck, make_check
+from lensforge.early_exit.confidence import CheckResult, FullVocabCheck, ScreenedCheck, make_check
 from lensforge.early_exit.decoder import (
     SUPPORTED_FAMILIES,
     GenerationResult,
@@ -10,7 +10,7 @@ from lensforge.early_exit.decoder import (
 from lensforge.early_exit.rule import calm_threshold, check_lambda, should_exit, top2_gap
 
 __all__ = [
-    "SUPPORTED_FAMILIES", "CheckResult", "FullVocabCheck", "GenerationResult", "ShortlistCheck",
+    "SUPPORTED_FAMILIES", "CheckResult", "FullVocabCheck", "GenerationResult", "ScreenedCheck",
     "calm_threshold", "check_lambda", "generate", "make_check", "propagated_kv", "should_exit",
     "top2_gap",
 ]

@@ -1,26 +1,26 @@
 """Lens confidence checks for early exit, and what each one costs.
 
-A check maps the residual h_j (entering block j) of the token being decoded to a
-distribution over candidate tokens and a confidence Δ = p(top-1) − p(top-2).
+A check maps the residual h_j (entering block j) of the token being decoded to the
+CALM decision "Δ = p(top-1) − p(top-2) > threshold?" and, on exit, the lens's logits.
 
-- `FullVocabCheck`: the lens's full distribution. Exact, but each check is a [1 × V]
-  unembedding (V·H multiply-adds: 28 M for SmolLM2-135M, about 8 of its decoder layers).
-- `ShortlistCheck(k)`: the first check of a token is a full check; its top-k tokens
-  become the token's shortlist, and every later check of that token computes logits
-  over the shortlist only (k·H multiply-adds), as in dynamic vocabulary pruning for
-  early-exit LMs (Vincenti et al., 2024).
-
-The shortlist approximation: a softmax over k tokens drops the tail mass, so it
-*over*-states Δ (Δ_S = Δ · Z/Z_S ≥ Δ). We correct with the tail measured at the first
-(full) check: Δ_est = Δ_S · m, where m is the shortlist's probability mass there.
-This is exact when the shortlist keeps the same share of mass at later layers, and
-conservative when it gains mass with depth (the usual case: later layers are more
-confident). The token a shortlisted exit emits is the best shortlist token; a token
-outside the shortlist can only be emitted by a full check or by the full model.
+- `FullVocabCheck`: the lens's full distribution at every check. Exact, but each check
+  is a [1 × V] unembedding (V·H weights read: for SmolLM2-135M, 28 M, as many as 8 of
+  its decoder layers; at batch 1 on CPU the cost is the bytes read).
+- `ScreenedCheck`: first score only a shortlist S of candidate tokens (|S|·H), and run
+  the full check only when the shortlist says "exit". Sound in one direction: if the
+  lens's top-1 token is in S, then Δ_S ≥ Δ (the numerator e^{z1} − e^{z2'} can only grow
+  when the runner-up is restricted to S, and the normalizer Z_S ≤ Z can only shrink), so
+  the screen never rejects an exit the full rule would take. Every exit is confirmed by
+  a full check, so exit decisions and exit tokens are exactly the full rule's; the only
+  approximation is *missed* exits when the lens's top-1 is outside S (fewer exits,
+  never worse agreement). S = the `static` most frequent tokens (by id: BPE vocabularies
+  are in merge order, most frequent first) ∪ the prompt's tokens ∪ each emitted token
+  and the top-`per_step` tokens of its distribution, capped at `capacity` rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -33,15 +33,12 @@ from lensforge.lenses import Lens
 
 @dataclass
 class CheckResult:
-    """One check: confidence Δ, logits over candidates [n], candidate ids [n] (None = all V)."""
+    """One check: whether to exit, confidence Δ (of the last stage run), logits [V]."""
 
+    exit: bool
     confidence: float
-    logits: Tensor
-    candidates: Tensor | None
-
-    def greedy_token(self) -> int:
-        best = int(torch.argmax(self.logits))
-        return best if self.candidates is None else int(self.candidates[best])
+    logits: Tensor | None
+    full: bool  # whether a full [1 × V] unembedding was computed
 
 
 class FullVocabCheck:
@@ -52,55 +49,84 @@ class FullVocabCheck:
     def __init__(self, lens: Lens) -> None:
         self.lens = lens
 
-    def start_token(self) -> None:
-        """Called before the first check of each new token."""
+    def reset(self, prompt_ids: Iterable[int]) -> None:
+        """Called once per generation, before the first decode step."""
+
+    def observe(self, token: int, logits: Tensor | None) -> None:
+        """Called after each emitted token with the logits [V] it came from."""
 
     @torch.no_grad()
-    def __call__(self, h: Tensor, layer: int) -> CheckResult:
-        """h: [H] residual entering block `layer` -> CheckResult over all V tokens."""
+    def __call__(self, h: Tensor, layer: int, threshold: float) -> CheckResult:
+        """h: [H] residual entering block `layer` -> exit iff Δ > threshold."""
         logits = self.lens(h, layer).float()
-        probs = torch.softmax(logits, dim=-1)
-        return CheckResult(float(top2_gap(probs)), logits, None)
+        conf = float(top2_gap(torch.softmax(logits, dim=-1)))
+        return CheckResult(conf > threshold, conf, logits, True)
 
 
-class ShortlistCheck:
-    """Full check at a token's first check layer, then logits over its top-k only."""
+class ScreenedCheck(FullVocabCheck):
+    """Shortlist screen (|S|·H), confirmed by a full check only when it says exit."""
 
-    name = "shortlist"
+    name = "screened"
 
-    def __init__(self, lens: Lens, k: int = 64) -> None:
-        if k < 2:
-            raise ConfigError(f"the shortlist needs at least 2 tokens, got k={k}")
-        self.lens = lens
-        self.k = k
-        self._ids: Tensor | None = None
-        self._weight: Tensor | None = None
-        self._bias: Tensor | None = None
-        self._mass = 1.0
+    def __init__(self, lens: Lens, *, static: int = 1024, per_step: int = 8,
+                 capacity: int = 4096) -> None:
+        super().__init__(lens)
+        if static < 2 or per_step < 0 or capacity < static:
+            raise ConfigError(
+                f"screened check needs static >= 2, per_step >= 0 and capacity >= static; got "
+                f"static={static}, per_step={per_step}, capacity={capacity}")
+        self.static, self.per_step, self.capacity = static, per_step, capacity
+        unembed = lens.unembed
+        vocab, hidden = unembed.weight.shape
+        self.capacity = min(capacity, vocab)
+        self._weight = unembed.weight.new_empty(self.capacity, hidden)
+        self._bias = None if unembed.bias is None else unembed.bias.new_empty(self.capacity)
+        self._member = torch.zeros(vocab, dtype=torch.bool, device=unembed.weight.device)
+        self.size = 0
 
-    def start_token(self) -> None:
-        self._ids = None
+    def _add(self, ids: Tensor) -> None:
+        """Append token ids not yet in S (as many as fit) with their unembedding rows."""
+        ids = torch.unique(ids.reshape(-1).to(self._member.device))
+        ids = ids[~self._member[ids]][: self.capacity - self.size]
+        if ids.numel() == 0:
+            return
+        unembed = self.lens.unembed
+        end = self.size + ids.numel()
+        self._weight[self.size : end] = unembed.weight.index_select(0, ids)
+        if self._bias is not None:
+            self._bias[self.size : end] = unembed.bias.index_select(0, ids)
+        self._member[ids] = True
+        self.size = end
+
+    def reset(self, prompt_ids: Iterable[int]) -> None:
+        self._member.zero_()
+        self.size = 0
+        self._add(torch.arange(min(self.static, self.capacity)))
+        self._add(torch.as_tensor(list(prompt_ids), dtype=torch.long))
+
+    def observe(self, token: int, logits: Tensor | None) -> None:
+        new = [torch.tensor([token])]
+        if logits is not None and self.per_step:
+            new.append(torch.topk(logits.reshape(-1), self.per_step).indices.cpu())
+        self._add(torch.cat(new))
 
     @torch.no_grad()
-    def __call__(self, h: Tensor, layer: int) -> CheckResult:
-        """h: [H] -> CheckResult; over all V at the first call per token, else over k."""
+    def __call__(self, h: Tensor, layer: int, threshold: float) -> CheckResult:
         unembed = self.lens.unembed
-        if self._ids is None:
-            logits = self.lens(h, layer).float()
-            probs = torch.softmax(logits, dim=-1)
-            mass, ids = torch.topk(probs, min(self.k, probs.shape[-1]), dim=-1)
-            self._ids = ids
-            self._mass = float(mass.sum())
-            self._weight = unembed.weight.index_select(0, ids)
-            self._bias = None if unembed.bias is None else unembed.bias.index_select(0, ids)
-            return CheckResult(float(top2_gap(probs)), logits, None)
         x = unembed.norm(self.lens.transform_hidden(h, layer))
-        logits = unembed.apply_quirks(torch.nn.functional.linear(x, self._weight, self._bias))
-        logits = logits.float()
-        probs = torch.softmax(logits, dim=-1)
-        return CheckResult(float(top2_gap(probs)) * self._mass, logits, self._ids)
+        bias = None if self._bias is None else self._bias[: self.size]
+        logits = unembed.apply_quirks(
+            torch.nn.functional.linear(x, self._weight[: self.size], bias)).float()
+        screened = float(top2_gap(torch.softmax(logits, dim=-1)))
+        if not screened > threshold:  # Δ ≤ Δ_S ≤ threshold whenever top-1 ∈ S
+            return CheckResult(False, screened, None, False)
+        return super().__call__(h, layer, threshold)
 
 
-def make_check(lens: Lens, shortlist: int | None) -> FullVocabCheck | ShortlistCheck:
-    """`shortlist=None` -> full-vocabulary checks; an int k -> top-k shortlist checks."""
-    return FullVocabCheck(lens) if shortlist is None else ShortlistCheck(lens, shortlist)
+def make_check(lens: Lens, mode: str = "full", **kwargs: int) -> FullVocabCheck:
+    """mode "full" -> FullVocabCheck; "screened" -> ScreenedCheck(**kwargs)."""
+    if mode == "full":
+        return FullVocabCheck(lens)
+    if mode == "screened":
+        return ScreenedCheck(lens, **kwargs)
+    raise ConfigError(f"unknown check '{mode}'; use 'full' or 'screened'")

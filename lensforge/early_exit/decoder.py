@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lensforge.early_exit.confidence import CheckResult, make_check
-from lensforge.early_exit.rule import check_lambda, should_exit
+from lensforge.early_exit.rule import calm_threshold, check_lambda
 from lensforge.errors import ConfigError, ShapeError, UnsupportedModelError
 from lensforge.lenses import Lens, check_compatible
 
@@ -48,6 +48,7 @@ class GenerationResult:
     exit_layers: list[int]
     n_layers: int
     n_checks: int = 0
+    n_full_checks: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     text: str | None = None
@@ -78,6 +79,7 @@ class GenerationResult:
             "mean_exit_layer": self.mean_exit_layer,
             "n_layers": self.n_layers,
             "lens_checks": self.n_checks,
+            "full_lens_checks": self.n_full_checks,
             "prefill_seconds": self.prefill_seconds,
             "decode_seconds": self.decode_seconds,
             "tokens_per_second": self.tokens_per_second,
@@ -161,9 +163,9 @@ def _exit_layer_set(n_layers: int, exit_layers: Sequence[int] | None, exit_every
     return [j for j in layers if j >= min_layer]
 
 
-def _pick(logits: Tensor, candidates: Tensor | None, do_sample: bool, temperature: float,
-          top_k: int | None, gen: torch.Generator | None) -> int:
-    """Greedy or sampled token from logits over `candidates` (None = all V)."""
+def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None,
+          gen: torch.Generator | None) -> int:
+    """Greedy or sampled token id from logits [V]."""
     logits = logits.reshape(-1).float()
     if not do_sample:
         best = int(torch.argmax(logits))
@@ -173,7 +175,7 @@ def _pick(logits: Tensor, candidates: Tensor | None, do_sample: bool, temperatur
             kth = torch.topk(scaled, top_k).values[-1]
             scaled = scaled.masked_fill(scaled < kth, float("-inf"))
         best = int(torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=gen))
-    return best if candidates is None else int(candidates[best])
+    return best
 
 
 @torch.no_grad()
@@ -187,7 +189,8 @@ def generate(
     exit_layers: Sequence[int] | None = None,
     exit_every: int | None = None,
     min_layer: int = 1,
-    shortlist: int | None = None,
+    check: str = "full",
+    screen_static: int = 1024,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -202,8 +205,9 @@ def generate(
     prompt_ids: [T] or [1, T] token ids. lam: λ in [0, 1], or None to switch exits off
     (then the output equals the model's own greedy/sampled decoding). exit_layers:
     residual indices j in 1..L-1 to check (default all); exit_every=m checks j = m, 2m, ...;
-    min_layer drops earlier ones. shortlist=k uses `ShortlistCheck(k)` instead of full
-    [1 × V] checks. avg_input_len: the rule's N (default: this prompt's length).
+    min_layer drops earlier ones. check="screened" screens each check over a shortlist
+    (`screen_static` most frequent ids + prompt + history) and runs the full [1 × V]
+    check only when the screen says exit (see confidence.py). avg_input_len: the rule's N (default: this prompt's length).
     stop_tokens: default the model's EOS ids; () never stops early.
     force_exit_layer: testing hook, every decode step exits at this layer.
     Returns a GenerationResult (and the DynamicCache when return_cache=True).
@@ -230,8 +234,11 @@ def generate(
         if not 1 <= force_exit_layer < L:
             raise ConfigError(f"force_exit_layer must be in 1..{L - 1}, got {force_exit_layer}")
         checks = {force_exit_layer}
-    check = make_check(lens, shortlist) if uses_lens else None
-    if check is None:
+    checker = None
+    if uses_lens:
+        options = {"static": screen_static} if check == "screened" else {}
+        checker = make_check(lens, check, **options)
+    else:
         checks = set()
 
     ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1)
@@ -251,9 +258,12 @@ def generate(
     t0 = time.perf_counter()
     cache = DynamicCache(config=adapter.model.config)
     out = adapter.model(input_ids=ids, past_key_values=cache, use_cache=True)
-    token = _pick(out.logits[0, -1], None, do_sample, temperature, top_k, gen)
+    token = _pick(out.logits[0, -1], do_sample, temperature, top_k, gen)
+    if checker is not None:
+        checker.reset(ids[0].tolist())
+        checker.observe(token, out.logits[0, -1])
     t1 = time.perf_counter()
-    tokens, exits, n_checks = [token], [L], 0
+    tokens, exits, n_checks, n_full = [token], [L], 0, 0
     pos = ids.shape[1]
     layers = adapter.layers
     while len(tokens) < max_new_tokens and token not in stop:
@@ -261,28 +271,29 @@ def generate(
         h = embed(torch.tensor([[token]], device=adapter.device))
         position_ids = torch.tensor([[pos]], device=adapter.device)
         cos, sin = rotary(h, position_ids)
+        threshold = float("-inf") if force_exit_layer else calm_threshold(lam or 0.0, step, N)
         result: CheckResult | None = None
         exit_at = L
-        if check is not None:
-            check.start_token()
         for j in range(L):
             h = layers[j](h, attention_mask=None, position_ids=position_ids,
                           past_key_values=cache, use_cache=True, position_embeddings=(cos, sin))
             if j + 1 in checks:
-                result = check(h[0, 0], j + 1)
+                result = checker(h[0, 0], j + 1, threshold)
                 n_checks += 1
-                if (force_exit_layer == j + 1
-                        or should_exit(result.confidence, lam, step, N)):
+                n_full += result.full
+                if result.exit:
                     exit_at = j + 1
                     break
         if exit_at < L:
             for s in range(exit_at, L):
                 k, v = propagated_kv(layers[s], h, cos, sin)
                 cache.update(k, v, s)
-            token = _pick(result.logits, result.candidates, do_sample, temperature, top_k, gen)
+            logits = result.logits
         else:
             logits = adapter.final_logits(h[0, 0])
-            token = _pick(logits, None, do_sample, temperature, top_k, gen)
+        token = _pick(logits, do_sample, temperature, top_k, gen)
+        if checker is not None:
+            checker.observe(token, logits)
         tokens.append(token)
         exits.append(exit_at)
         pos += 1
@@ -290,11 +301,13 @@ def generate(
 
     tok = getattr(adapter, "tokenizer", None)
     text = tok.decode(tokens, skip_special_tokens=True) if tok is not None else None
-    settings = {"lambda": lam, "exit_layers": sorted(checks), "check": getattr(check, "name", None),
-                "shortlist": shortlist, "do_sample": do_sample, "N": N}
+    settings = {"lambda": lam, "exit_layers": sorted(checks),
+                "check": getattr(checker, "name", None),
+                "screen_static": screen_static if check == "screened" else None,
+                "do_sample": do_sample, "N": N}
     result_obj = GenerationResult(
         prompt_ids=ids[0].tolist(), tokens=tokens, exit_layers=exits, n_layers=L,
-        n_checks=n_checks, prefill_seconds=t1 - t0, decode_seconds=t2 - t1, text=text,
+        n_checks=n_checks, n_full_checks=n_full, prefill_seconds=t1 - t0, decode_seconds=t2 - t1, text=text,
         settings=settings,
     )
     return (result_obj, cache) if return_cache else result_obj
