@@ -66,7 +66,7 @@ def plot_trajectory_grid(
     lower_is_better = bool(STATS[stat]["lower_is_better"])
     cmap = LinearSegmentedColormap.from_list("lensforge", PALETTE if lower_is_better
                                              else PALETTE[::-1])
-    cmap.set_bad("#e8e8e8")
+    cmap = cmap.with_extremes(bad="#e8e8e8")
     lo, hi = traj.stat_range(stat, names)
     norm = Normalize(vmin=lo, vmax=hi)
 

@@ -1,0 +1,36 @@
+"""lensforge report: one self-contained HTML report for a run folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lensforge.cli.common import positive
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report", help="self-contained HTML report of a run folder",
+        description="Per-layer curves of every metric for every lens, the training loss, "
+                    "prediction-trajectory grids of held-out samples (loads the run's model; "
+                    "skip with --no-samples), configuration and timings, in one HTML file "
+                    "that opens without network.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("run_dir", help="folder written by `lensforge run` or `lensforge eval`")
+    p.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
+    p.add_argument("--no-samples", action="store_true",
+                   help="no trajectory grids (does not load the model)")
+    p.add_argument("--samples", type=positive, default=3, help="held-out samples shown")
+    p.add_argument("--sample-tokens", type=positive, default=40, help="tokens per sample")
+    p.set_defaults(func=run_report)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from lensforge.viz.report import write_run_report
+
+    path = write_run_report(Path(args.run_dir), out=Path(args.out) if args.out else None,
+                            samples=0 if args.no_samples else args.samples,
+                            sample_tokens=args.sample_tokens)
+    print(f"report: {path}")
+    return 0
