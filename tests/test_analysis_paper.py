@@ -252,3 +252,21 @@ def test_shortcut_metrics_differences_by_hand() -> None:
     assert d["surprisal"] == pytest.approx(0.75)
     assert first_layer_above([0.1, 0.85, 0.9], 0.8) == 1
     assert first_layer_above([0.1], 0.8) is None
+
+
+def test_evaluate_sequences_matches_evaluate(tiny_adapter, tiny_input_ids) -> None:
+    from lensforge.analysis.transfer import evaluate_sequences
+    from lensforge.evaluation import evaluate
+
+    adapter = tiny_adapter("llama")
+    lens = TunedLens.from_model(adapter)
+    with torch.no_grad():
+        lens.weight.normal_(std=0.05)
+    ours = evaluate_sequences(adapter, {"t": lens}, [EvalSequence(i, 0, 9) for i in tiny_input_ids])
+    ref = evaluate(adapter, {"t": lens}, [tiny_input_ids])
+    for name in ("logit", "t"):
+        for metric in ("kl", "ce", "precision@1", "surprisal"):
+            assert ours[name][metric] == pytest.approx(ref[name][metric], rel=1e-5, abs=1e-6)
+    # from position 4 on: 5 of 9 positions per sequence
+    tail = evaluate_sequences(adapter, {"t": lens}, [EvalSequence(i, 4, 5) for i in tiny_input_ids])
+    assert tail["t"]["n_tokens"] == [10] * adapter.n_layers

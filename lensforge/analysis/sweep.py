@@ -53,16 +53,19 @@ def sweep_summary(results: Mapping[str, dict], lenses: Mapping[str, Lens],
 
 
 def run_sweep(adapter: object, cfg: TrainConfig, ks: Sequence[int], *, eval_data: str,
-              eval_tokens: int, text_field: str = "text", progress: bool = False) -> dict:
-    """Train tuned + LoRA(k for k in ks) in one run, evaluate all on held-out `eval_data`.
+              eval_tokens: int, text_field: str = "text", progress: bool = False,
+              eval_seq_len: int | None = None, resume: bool = False) -> dict:
+    """Train tuned + LoRA(k for k in ks) in one run, evaluate all on held-out `eval_data`
+    (sequences of `eval_seq_len`, default cfg.seq_len). `resume` continues (or, once
+    finished, reuses) the training run in cfg.out.
 
     Returns {"rows": sweep_summary, "results": per-lens evaluate() results,
     "timings": training timings, "lens_dir": folder of the saved lenses}."""
     cfg = sweep_config(cfg, ks)
-    trained = train(cfg, adapter, progress=progress)
+    trained = train(cfg, adapter, progress=progress, resume=resume)
     stream = PackedTokenStream(lambda: iter_documents(eval_data, text_field=text_field,
                                                       split="heldout"),
-                               adapter.tokenizer, cfg.seq_len)
+                               adapter.tokenizer, eval_seq_len or cfg.seq_len)
     results = evaluate(adapter, trained.lenses, stream.batches(cfg.batch_size),
                        max_tokens=eval_tokens)
     order = ["logit", "tuned"] + [f"lora_k{k}" for k in sorted(ks)]

@@ -16,8 +16,9 @@ from torch import Tensor
 
 from lensforge.data import PackedTokenStream, alpaca_instructions, format_chat, iter_documents
 from lensforge.errors import ConfigError, DataError
-from lensforge.evaluation import evaluate, raf_table
-from lensforge.lenses import Lens
+from lensforge.evaluation import next_token_targets, raf_table
+from lensforge.lenses import Lens, LogitLens
+from lensforge.metrics import LayerMetricAccumulator
 
 INSTRUCTION_SOURCES = ("alpaca", "builtin")
 
@@ -114,10 +115,32 @@ def load_sequences(adapter: object, *, data: str | None, instructions: str | Non
     return seqs, f"{len(seqs)} held-out sequences of {seq_len} tokens from {data}"
 
 
+@torch.no_grad()
 def evaluate_sequences(adapter: object, lenses: Mapping[str, Lens],
                        sequences: Iterable[EvalSequence]) -> dict[str, dict]:
-    """`evaluate` on variable-length sequences (one per batch; every position counts)."""
-    return evaluate(adapter, lenses, (seq.ids[None] for seq in sequences))
+    """Per-layer metrics (as `evaluate`, logit lens added) over positions ≥ seq.start of
+    each sequence: the generated reply when there is one, else every position."""
+    lenses = dict(lenses)
+    if not any(isinstance(lens, LogitLens) for lens in lenses.values()):
+        lenses = {"logit": LogitLens.from_model(adapter), **lenses}
+    L = adapter.n_layers
+    accs = {name: LayerMetricAccumulator(L) for name in lenses}
+    seen = 0
+    for seq in sequences:
+        ids = seq.ids[None]
+        hs = adapter.hidden_states(ids)[:, 0, seq.start:]  # [L+1, T', H]
+        targets = next_token_targets(ids)[0, seq.start:].to(adapter.device)
+        final_lp = torch.log_softmax(adapter.unembed(hs[L]).float(), dim=-1)
+        for name, lens in lenses.items():
+            accs[name].update_final(targets=targets, final_logprobs=final_lp)
+            for layer in range(L):
+                h = lens.transform_hidden(hs[layer].float(), layer).to(adapter.dtype)
+                accs[name].update(layer, adapter.unembed(h), targets=targets,
+                                  final_logprobs=final_lp)
+        seen += hs.shape[1]
+    if seen == 0:
+        raise DataError("no tokens to evaluate")
+    return {name: acc.result() for name, acc in accs.items()}
 
 
 def transfer_eval(adapter_b: object, transferred: Mapping[str, Lens], native: Mapping[str, Lens],

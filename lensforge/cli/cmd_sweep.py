@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-data", default="stdlib:heldout",
                    help="held-out text for the evaluation (same forms as --data)")
     p.add_argument("--eval-tokens", type=positive, default=8192, help="evaluation tokens")
+    p.add_argument("--eval-seq-len", type=positive,
+                   help="tokens per evaluation sequence (default: --seq-len)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue (or reuse, once finished) the training run in OUT/train")
     p.add_argument("--init-tokens", type=int, default=d.init_tokens,
                    help="tokens of statistics for the closed-form init (0: zero init)")
     p.add_argument("--tokens", type=int, default=d.tokens,
@@ -59,7 +63,8 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
     adapter = load_model_from_args(args)
     sweep = run_sweep(adapter, cfg, args.ks, eval_data=args.eval_data,
                       eval_tokens=args.eval_tokens, text_field=args.text_field,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, eval_seq_len=args.eval_seq_len,
+                      resume=args.resume)
     out.mkdir(parents=True, exist_ok=True)
     write_layer_metrics(sweep["results"], out)
     summary = {k: sweep[k] for k in ("rows", "timings", "lens_dir", "config")}
