@@ -14,6 +14,7 @@ from lensforge.errors import DataError
 from lensforge.lenses import Lens, LogitLens
 from lensforge.metrics import LayerMetricAccumulator, relative_alignment_fidelity
 from lensforge.models.adapter import ModelAdapter
+from lensforge.training.fast_loss import lens_logits_by_layer
 
 
 def next_token_targets(batch: Tensor) -> Tensor:
@@ -42,7 +43,6 @@ def evaluate(
         lenses = {"logit": LogitLens.from_model(adapter), **lenses}
     L = adapter.n_layers
     accs = {name: LayerMetricAccumulator(L) for name in lenses}
-    model_dtype = adapter.dtype
     seen = 0
     for batch in batches:
         if max_tokens is not None and seen >= max_tokens:
@@ -56,9 +56,9 @@ def evaluate(
             final_lp = torch.log_softmax(adapter.unembed(final_h[sl]).float(), dim=-1)
             for name, lens in lenses.items():
                 accs[name].update_final(targets=targets[sl], final_logprobs=final_lp)
-                for layer in range(L):
-                    h = lens.transform_hidden(layer_h[layer, sl].float(), layer).to(model_dtype)
-                    accs[name].update(layer, adapter.unembed(h), targets=targets[sl],
+                # All layers batched through one norm and large unembedding matmuls.
+                for layer, logits in lens_logits_by_layer(lens, layer_h[:, sl], adapter.unembed):
+                    accs[name].update(layer, logits, targets=targets[sl],
                                       final_logprobs=final_lp)
         seen += batch.numel()
     if seen == 0:

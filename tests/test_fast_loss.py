@@ -188,3 +188,21 @@ def test_train_fused_and_reference_agree(tmp_path) -> None:
     for name, lens in ref.lenses.items():
         for p, q in zip(fused.lenses[name].parameters(), lens.parameters(), strict=True):
             assert rel_err(p.detach(), q.detach()) <= RTOL
+
+
+@pytest.mark.parametrize("family", ("gemma2", "phi"))
+def test_lens_logits_by_layer_matches_per_layer_unembed(family: str, tiny_adapter,
+                                                        tiny_input_ids: Tensor) -> None:
+    from lensforge.training.fast_loss import lens_logits_by_layer
+
+    adapter = tiny_adapter(family)
+    hs, _ = _hidden(adapter, tiny_input_ids)
+    lens = _lenses(adapter)["lora"]
+    seen = []
+    with torch.no_grad():
+        for layer, logits in lens_logits_by_layer(lens, hs, adapter.unembed,
+                                                  block_bytes=hs.shape[1] * 128 * 4 * 2):
+            want = lens(hs[layer], layer)
+            torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+            seen.append(layer)
+    assert seen == list(range(adapter.n_layers))

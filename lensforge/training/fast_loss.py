@@ -17,7 +17,7 @@ token chunk and shared by every layer and every lens.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -213,3 +213,30 @@ def fused_kl_loss_backward(
                 (per_layer.sum() * (scale / N)).backward()
         totals += per_layer.detach().double().cpu()
     return {name: (totals[i] / N).float() for i, name in enumerate(names)}
+
+
+def lens_logits_by_layer(lens: Lens, hs: Tensor, unembed: torch.nn.Module, *,
+                         compute_dtype: torch.dtype | str | None = None,
+                         block_bytes: int | None = None) -> Iterator[tuple[int, Tensor]]:
+    """Evaluation-side fast path: yields (layer, logits [N, V] fp32) for every layer.
+
+    hs: [L, N, H]. The lens transforms all layers at once and the final norm runs once
+    on the stacked states (in the model dtype, as in `unembed`); the unembedding then
+    runs over blocks of layers as one large matmul in `compute_dtype` (default: fp32 on
+    CPU, the model dtype on GPU). Quirks (scale, soft-cap, bias) as in `unembed`.
+    """
+    dtype = compute_dtype_for(unembed, compute_dtype)
+    weight = unembed_weight(unembed, dtype)
+    bias = None if unembed.bias is None else unembed.bias.detach()
+    scale, softcap = _quirks(unembed)
+    L, N, H = hs.shape
+    if block_bytes is None:
+        block_bytes = DEFAULT_BLOCK_BYTES.get(hs.device.type, DEFAULT_BLOCK_BYTES["cuda"])
+    per_block = _rows_per_block(N, weight.shape[0], block_bytes)
+    normed = unembed.norm(lens.transform_all(hs.float()).to(unembed.weight.dtype))
+    for l0 in range(0, L, per_block):
+        l1 = min(L, l0 + per_block)
+        x = normed[l0:l1].reshape(-1, H).to(dtype)
+        logits = _logits(x, weight, bias, scale, softcap).view(l1 - l0, N, -1)
+        for i in range(l1 - l0):
+            yield l0 + i, logits[i]
