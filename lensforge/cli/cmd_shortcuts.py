@@ -18,8 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "shortcuts", help="latent linear shortcuts: per-layer P@1, P@5, surprisal",
         description="Per-layer Precision@1, Precision@5 and surprisal -log p_L(argmax q_l) of "
-                    "each lens (logit lens included) on instruction data, and each lens's mean "
-                    "difference to a reference lens. Writes OUT/shortcuts.json, "
+                    "each lens (logit lens included) on instruction data (scored on the model's "
+                    "greedy reply when --new-tokens > 0, else on every position), and each "
+                    "lens's mean difference to a reference lens. Writes OUT/shortcuts.json, "
                     "metrics.json/csv and shortcuts.png.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "transfer", help="apply lenses trained on model A to a sibling model B",
         description="Evaluates lenses trained on model A (positional) on sibling model B "
                     "(--model; same L and H) next to lenses trained on B (--native), and "
-                    "reports per-layer KL and RAF against a native reference. Writes "
+                    "reports per-layer KL and RAF against a native reference (scored on the greedy "
+                    "reply when --new-tokens > 0, else on every position). Writes "
                     "OUT/metrics.json/csv, transfer.json and transfer_kl.png.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
