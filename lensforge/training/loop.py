@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
