@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from lensforge.cli.common import add_data_args, add_model_args, load_model_from_args, positive
-from lensforge.errors import ConfigError
 from lensforge.data import iter_documents
+from lensforge.errors import ConfigError
 from lensforge.training import OPTIMIZER_DEFAULTS, TrainConfig, train
 from lensforge.training.distributed import (
     FSDP_NEEDS_TORCHRUN,
@@ -79,6 +79,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     cfg.validate()
+    iter_documents(cfg.data, text_field=cfg.text_field)  # a bad path fails before the model loads
     if args.cpu_offload and not args.fsdp:
         raise ConfigError("--cpu-offload only applies with --fsdp")
     if args.fsdp and not under_torchrun():

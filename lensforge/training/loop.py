@@ -261,7 +261,7 @@ def _next_batch(rows: Iterator[Tensor], cfg: TrainConfig, tokens_done: int) -> T
 def _closed_form_phase(cfg: TrainConfig, adapter: ModelAdapter, lenses: dict[str, Lens],
                        rows: Iterator[Tensor], dist: object | None, progress: bool,
                        n_batches: int | None = None) -> None:
-    moments = MomentAccumulator(adapter.n_layers, adapter.hidden_size)
+    moments = MomentAccumulator(adapter.n_layers, adapter.hidden_size, device=adapter.device)
     if n_batches is None:
         n_batches = max(1, math.ceil(cfg.init_tokens / cfg.micro_tokens))
     bar = _bar(n_batches, "closed-form statistics", progress)
