@@ -32,13 +32,17 @@ from torch import Tensor
 from lensforge.errors import ConfigError, DataError, NonFiniteError, ShapeError
 from lensforge.metrics import entropy_from_logprobs, kl_from_logprobs, target_rank
 
-# Statistic keys, in display order, with a label and whether lower means "closer to the model".
+# Statistic keys, in display order: a label, whether lower means "closer to the model", and
+# the color scale. KL, CE and rank are heavy-tailed (early layers of the logit lens reach
+# tens of nats), so they are colored on log10(1 + x) to keep the later layers readable.
 STATS: dict[str, dict[str, object]] = {
-    "entropy": {"label": "entropy H(q) [nats]", "lower_is_better": True},
-    "kl": {"label": "KL(p_L ‖ q) to final [nats]", "lower_is_better": True},
-    "max_prob": {"label": "top-1 probability", "lower_is_better": False},
-    "ce": {"label": "cross-entropy of true next token [nats]", "lower_is_better": True},
-    "rank": {"label": "rank of true next token (0 = top-1)", "lower_is_better": True},
+    "entropy": {"label": "entropy H(q) [nats]", "lower_is_better": True, "scale": "linear"},
+    "kl": {"label": "KL(p_L ‖ q) to final [nats]", "lower_is_better": True, "scale": "log"},
+    "max_prob": {"label": "top-1 probability", "lower_is_better": False, "scale": "linear"},
+    "ce": {"label": "cross-entropy of true next token [nats]", "lower_is_better": True,
+           "scale": "log"},
+    "rank": {"label": "rank of true next token (0 = top-1)", "lower_is_better": True,
+             "scale": "log"},
 }
 
 
@@ -115,24 +119,19 @@ class PredictionTrajectory:
         return [[self.text_of(i) for i in row] for row in ids]
 
     def stat_range(self, stat: str, lenses: Iterable[str] | None = None) -> tuple[float, float]:
-        """A color range for `stat` shared by `lenses` (default all), so grids compare.
-
-        Unbounded statistics (KL, CE) use the 99th percentile as the top, so one outlier
-        does not wash out the grid; rank is on a log10(1 + rank) scale."""
+        """A color range (in the statistic's own units) shared by `lenses` (default all), so
+        grids compare. KL and CE top out at the 99th percentile, so one outlier does not
+        wash out the grid; entropy and rank at their maximum; max_prob is [0, 1]."""
         names = list(self.lenses) if lenses is None else list(lenses)
         if stat == "max_prob":
             return 0.0, 1.0
         values = torch.cat([self.lenses[n].stat(stat).flatten() for n in names])
         values = values[torch.isfinite(values)]
-        if stat == "rank":
-            vocab = max(self.token_text, default=1) + 1
-            top = math.log10(1 + max(float(values.max()) if values.numel() else 1.0, 1.0))
-            return 0.0, min(top, math.log10(1 + vocab)) if vocab > 1 else top
         if values.numel() == 0:
             return 0.0, 1.0
         top = float(torch.quantile(values.double(), 0.99)) if stat in ("kl", "ce") else float(
             values.max())
-        return 0.0, max(top, 1e-6)
+        return 0.0, max(top, 1e-6 if stat != "rank" else 1.0)
 
     # ---------------------------------------------------------- builders
     @classmethod

@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap, Normalize  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from lensforge.analysis.trajectory import STATS, PredictionTrajectory, short_token  # noqa: E402
 from lensforge.errors import ConfigError  # noqa: E402
@@ -68,7 +69,9 @@ def plot_trajectory_grid(
                                              else PALETTE[::-1])
     cmap = cmap.with_extremes(bad="#e8e8e8")
     lo, hi = traj.stat_range(stat, names)
-    norm = Normalize(vmin=lo, vmax=hi)
+    log = STATS[stat]["scale"] == "log"  # heavy tails: color log10(1 + x)
+    norm = Normalize(vmin=math.log10(1 + lo), vmax=math.log10(1 + hi)) if log else Normalize(
+        vmin=lo, vmax=hi)
 
     n_cols = stop - start
     width = 1.4 + CELL_W * n_cols + 1.3
@@ -83,8 +86,8 @@ def plot_trajectory_grid(
     for i, (ax, name) in enumerate(zip(axes[:, 0], names, strict=True)):
         grid = traj.lenses[name]
         values = grid.stat(stat)[:, start:stop].numpy().astype(float)
-        if stat == "rank":
-            values = np.log10(1 + values)
+        if log:
+            values = np.log10(1 + np.clip(values, 0, None))
         shown = values[::-1]  # model output on top, layer 0 at the bottom
         image = ax.imshow(np.ma.masked_invalid(shown), cmap=cmap, norm=norm, aspect="auto",
                           interpolation="nearest")
@@ -117,10 +120,11 @@ def plot_trajectory_grid(
             spine.set_visible(False)
     axes[-1, 0].set_xlabel("input token (labels on top: true next token)", fontsize=9)
     label = str(STATS[stat]["label"])
-    if stat == "rank":
-        label = "log10(1 + rank of true next token)"
     cbar = fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.9 / width, pad=0.01)
-    cbar.set_label(label + (" (clipped at 99th pct)" if stat in ("kl", "ce") else ""),
+    if log:  # ticks in the statistic's own units
+        cbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{10 ** x - 1:.3g}"))
+    cbar.set_label(label + (" (log scale" if log else "")
+                   + (", clipped at 99th pct)" if stat in ("kl", "ce") else ")" if log else ""),
                    fontsize=8)
     cbar.ax.tick_params(labelsize=7)
     window = "" if (start, stop) == (0, T) else f" · positions {start}–{stop - 1} of {T}"

@@ -63,7 +63,7 @@ def trajectory_payload(
     for key, info in STATS.items():
         lo, hi = traj.stat_range(key)
         stats.append({"key": key, "label": str(info["label"]), "short": STAT_SHORT[key],
-                      "lo": lo, "hi": hi, "scale": "log" if key == "rank" else "linear",
+                      "lo": lo, "hi": hi, "scale": str(info["scale"]),
                       "lower_is_better": bool(info["lower_is_better"]),
                       "clipped": key in ("kl", "ce")})
     data = traj.to_dict()

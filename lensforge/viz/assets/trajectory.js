@@ -41,11 +41,14 @@
     if (key === "rank") return String(v);
     return Math.abs(v) >= 100 ? v.toFixed(0) : v.toFixed(3);
   }
+  // Color-scale transform: heavy-tailed statistics use log10(1 + x).
+  function fwd(meta, v) { return meta.scale === "log" ? Math.log10(1 + Math.max(v, 0)) : v; }
+  function inv(meta, x) { return meta.scale === "log" ? Math.pow(10, x) - 1 : x; }
   // Statistic value -> position on the color scale in [0, 1] (1 = dark = far from the model).
   function position(meta, v) {
     if (v === null || v === undefined || (meta.key === "rank" && v < 0)) return null;
-    var x = meta.scale === "log" ? Math.log10(1 + v) : v;
-    var t = (x - meta.lo) / ((meta.hi - meta.lo) || 1);
+    var lo = fwd(meta, meta.lo), hi = fwd(meta, meta.hi);
+    var t = (fwd(meta, v) - lo) / ((hi - lo) || 1);
     return meta.lower_is_better ? t : 1 - t;
   }
 
@@ -249,13 +252,12 @@
 
   Widget.prototype.drawLegend = function () {
     var meta = this.meta(), n = 24, stops = [];
+    var flo = fwd(meta, meta.lo), fhi = fwd(meta, meta.hi);
     for (var i = 0; i <= n; i++) {
-      var x = meta.lo + (meta.hi - meta.lo) * i / n;
-      var v = meta.scale === "log" ? Math.pow(10, x) - 1 : x;
+      var v = inv(meta, flo + (fhi - flo) * i / n);
       stops.push(css(colorAt(position(meta, v))) + " " + (100 * i / n).toFixed(1) + "%");
     }
-    var lo = meta.scale === "log" ? Math.pow(10, meta.lo) - 1 : meta.lo;
-    var hi = meta.scale === "log" ? Math.pow(10, meta.hi) - 1 : meta.hi;
+    var lo = meta.lo, hi = meta.hi;
     this.legend.textContent = "";
     this.legend.appendChild(el("span", "lf-legend-lo", fmt(lo, meta.key)));
     var grad = el("span", "lf-legend-bar");
@@ -263,7 +265,8 @@
     this.legend.appendChild(grad);
     this.legend.appendChild(el("span", "lf-legend-hi",
       (meta.clipped ? "\u2265 " : "") + fmt(hi, meta.key)));
-    this.legend.appendChild(el("span", "lf-legend-label", meta.label));
+    this.legend.appendChild(el("span", "lf-legend-label",
+      meta.label + (meta.scale === "log" ? " (log scale)" : "")));
   };
 
   function init() {
