@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 
-.PHONY: run test test-slow bench lint install install-dev clean
+.PHONY: run test test-slow test-browser bench bench-early-exit lint install install-dev chromium clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,14 +32,27 @@ install-dev: $(DEVSTAMP)
 run: $(STAMP)
 	$(VENV)/bin/lensforge run --out runs/main
 
-test: $(DEVSTAMP)
-	$(PY) -m pytest -q -x --durations=15
+# Headless Chromium for the HTML tests (Debian package; best effort: the tests skip
+# with a reason where it cannot be installed).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+	  >/dev/null 2>&1 || echo "note: could not install chromium; browser tests will skip"; }
+
+test: $(DEVSTAMP) chromium
+	$(PY) -m pytest -q --durations=15
 
 test-slow: $(DEVSTAMP)
 	$(PY) -m pytest -q -m slow --durations=15
 
+test-browser: $(DEVSTAMP) chromium
+	$(PY) -m pytest -q -m browser --durations=15
+
 bench: $(DEVSTAMP)
 	$(PY) benchmarks/train_throughput.py
+
+bench-early-exit: $(DEVSTAMP)
+	$(PY) benchmarks/early_exit.py
 
 lint: $(DEVSTAMP)
 	$(VENV)/bin/ruff check lensforge tests benchmarks
