@@ -117,6 +117,21 @@ def test_detect_injections_runs_on_tiny_model(char_adapter: ModelAdapter) -> Non
         assert len(res["scores"][f"{r['features']}/{r['detector']}"]["clean"]) == 8
 
 
+def test_answer_fast_path_matches_full_vocab(char_adapter: ModelAdapter) -> None:
+    from lensforge.analysis.injection import last_position_states, trajectory_features
+
+    ids = answer_token_ids(char_adapter.tokenizer)
+    states = last_position_states(char_adapter, ["Question: 1+1?\nAnswer:", "Hello there"])
+    lens = TunedLens.from_model(char_adapter)
+    with torch.no_grad():
+        lens.weight.normal_(0, 0.1)
+    fast = trajectory_features(lens, char_adapter, states, features="answer", answer_ids=ids)
+    full = trajectory_features(lens, char_adapter, states, features="both", answer_ids=ids)
+    L1 = char_adapter.n_layers + 1
+    np.testing.assert_allclose(fast.reshape(2, L1, 4), full.reshape(2, L1, 6)[..., :4],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_last_position_states_ignore_padding(char_adapter: ModelAdapter) -> None:
     from lensforge.analysis.injection import last_position_states
 

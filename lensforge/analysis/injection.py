@@ -185,6 +185,8 @@ def trajectory_features(lens: Lens, adapter: object, states: Tensor, *, features
         raise ConfigError("answer features need answer token ids (multiple-choice prompts)")
     n_layers = states.shape[0] - 1
     dtype = adapter.dtype
+    if features == "answer":  # only the candidates' logits are needed: skip the full vocab
+        return _answer_features(lens, adapter, states, list(answer_ids))
     final = torch.log_softmax(adapter.final_logits(states[n_layers].to(dtype)).float(), -1)
     columns = []
     for idx in range(n_layers + 1):
@@ -193,12 +195,29 @@ def trajectory_features(lens: Lens, adapter: object, states: Tensor, *, features
         else:
             logp = final
         per_layer = []
-        if features in ("answer", "both"):
+        if features == "both":
             per_layer.append(torch.log_softmax(logp[:, list(answer_ids)], -1))
         if features in ("kl", "both"):
             per_layer.append(torch.stack([kl_from_logprobs(final, logp),
                                           entropy_from_logprobs(logp)], -1))
         columns.append(torch.cat(per_layer, -1))
+    return torch.cat(columns, -1).numpy()
+
+
+def _answer_features(lens: Lens, adapter: object, states: Tensor, ids: list[int]) -> np.ndarray:
+    """Candidate log-probs renormalized over the candidates, from the candidates' logits
+    only (norm, then the W_U rows of the candidates, then the family's quirks)."""
+    unembed = adapter.unembed
+    rows = unembed.weight[ids]
+    bias = None if unembed.bias is None else unembed.bias[ids]
+    n_layers = states.shape[0] - 1
+    columns = []
+    for idx in range(n_layers + 1):
+        h = states[idx].to(adapter.dtype)
+        if idx < n_layers:
+            h = lens.transform_hidden(h, idx)
+        logits = unembed.apply_quirks(torch.nn.functional.linear(unembed.norm(h), rows, bias))
+        columns.append(torch.log_softmax(logits.float(), -1))
     return torch.cat(columns, -1).numpy()
 
 
