@@ -98,6 +98,10 @@ def test_windows_batches_and_hidden_states_agree(setup) -> None:
     from_hs = PredictionTrajectory.from_hidden_states(hs, lenses, input_ids=ids)
     torch.testing.assert_close(from_hs.lenses["lora"].kl, full.lenses["lora"].kl)
     assert torch.equal(from_hs.lenses["logit"].rank, full.lenses["logit"].rank)
+    back = PredictionTrajectory.from_dict(json.loads(json.dumps(full.to_dict())))
+    assert torch.equal(back.lenses["lora"].top_ids, full.lenses["lora"].top_ids)
+    torch.testing.assert_close(back.lenses["lora"].kl, full.lenses["lora"].kl, atol=1e-4, rtol=0)
+    assert torch.equal(back.lenses["lora"].rank, full.lenses["lora"].rank)
     clipped = PredictionTrajectory.from_ids(adapter, ids, lenses, max_tokens=5)
     assert clipped.n_positions == 5
 

@@ -341,6 +341,29 @@ class PredictionTrajectory:
             },
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> PredictionTrajectory:
+        """Inverse of `to_dict` (statistics come back at the saved precision)."""
+        def grid(values: list, dtype: torch.dtype) -> Tensor:
+            return torch.tensor(_none_to_nan(values), dtype=dtype)
+
+        lenses = {
+            name: LensTrajectory(
+                top_ids=grid(g["top_ids"], torch.long), top_probs=grid(g["top_probs"],
+                                                                       torch.float32),
+                rank=grid(g["rank"], torch.long),
+                **{s: grid(g[s], torch.float32) for s in STATS if s != "rank"})
+            for name, g in data["lenses"].items()
+        }
+        return cls(input_ids=torch.tensor(data["input_ids"]), targets=torch.tensor(
+            data["targets"]), lenses=lenses, token_text={int(k): v for k, v in
+                                                         data["token_text"].items()},
+            model_id=data.get("model_id", "unknown"), source=data.get("source", ""))
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> PredictionTrajectory:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
     def save_json(self, path: str | Path) -> Path:
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -457,6 +480,14 @@ def _name_lenses(adapter: object | None, lenses: object) -> dict[str, torch.nn.M
     if not named:
         raise ConfigError("no lenses given")
     return named
+
+
+def _none_to_nan(x: object) -> object:
+    if x is None:
+        return math.nan
+    if isinstance(x, list):
+        return [_none_to_nan(v) for v in x]
+    return x
 
 
 def _nan_to_none(x: object) -> object:

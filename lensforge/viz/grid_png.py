@@ -76,8 +76,10 @@ def plot_trajectory_grid(
     n_cols = stop - start
     width = 1.4 + CELL_W * n_cols + 1.3
     panel_h = CELL_H * (R + 2) + 0.5
-    fig, axes = plt.subplots(len(names), 1, figsize=(width, panel_h * len(names) + 0.6),
-                             squeeze=False, gridspec_kw={"hspace": 0.45})
+    fig_h = panel_h * len(names) + 0.9
+    fig, axes = plt.subplots(len(names), 1, figsize=(width, fig_h),
+                             squeeze=False, gridspec_kw={"hspace": 1.0 / (CELL_H * (R + 2))})
+    fig.subplots_adjust(top=1 - 0.75 / fig_h, bottom=0.6 / fig_h)  # before the colorbar
     font = 7.0 if n_cols > 1 else 8.0
     inputs = [short_token(t, CELL_CHARS) for t in traj.tokens[start:stop]]
     nexts = [short_token(traj.text_of(i), CELL_CHARS) if i >= 0 else ""
@@ -121,7 +123,10 @@ def plot_trajectory_grid(
     axes[-1, 0].set_xlabel("input token (labels on top: true next token)", fontsize=9)
     label = str(STATS[stat]["label"])
     cbar = fig.colorbar(image, ax=axes[:, 0].tolist(), fraction=0.9 / width, pad=0.01)
-    if log:  # ticks in the statistic's own units
+    if log:  # round ticks in the statistic's own units
+        ticks = [v for v in (0, 0.1, 0.3, 1, 3, 10, 30, 100, 300, 1000, 3000, 10_000, 30_000)
+                 if v <= hi]
+        cbar.set_ticks([math.log10(1 + v) for v in ticks])
         cbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{10 ** x - 1:.3g}"))
     cbar.set_label(label + (" (log scale" if log else "")
                    + (", clipped at 99th pct)" if stat in ("kl", "ce") else ")" if log else ""),
@@ -129,7 +134,7 @@ def plot_trajectory_grid(
     cbar.ax.tick_params(labelsize=7)
     window = "" if (start, stop) == (0, T) else f" · positions {start}–{stop - 1} of {T}"
     fig.suptitle(title or f"{traj.model_id}: top-1 token per layer, colored by {label}{window}",
-                 fontsize=10)
+                 fontsize=10, y=1 - 0.12 / fig_h)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi, bbox_inches="tight")
