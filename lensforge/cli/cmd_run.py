@@ -61,18 +61,16 @@ def run_main(args: argparse.Namespace) -> int:
         "kl_ratio_lora_over_logit": results[lora]["mean"]["kl"] / results["logit"]["mean"]["kl"],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    _write_report(out)
+    _write_report(out, adapter)
     print(f"mean held-out KL: logit {summary['mean_kl']['logit']:.3f} nats, {lora} "
           f"{summary['mean_kl'][lora]:.3f} nats (ratio {summary['kl_ratio_lora_over_logit']:.2f}); "
           f"total {timings['total_s'] / 60:.1f} min")
     return 0
 
 
-def _write_report(out: Path) -> None:
-    """The HTML report, when the report module is available."""
-    try:
-        from lensforge.viz.report import write_run_report
-    except ImportError:
-        return
-    path = write_run_report(out)
+def _write_report(out: Path, adapter: object) -> None:
+    """The self-contained HTML report (reuses the loaded model for trajectory samples)."""
+    from lensforge.viz.report import write_run_report
+
+    path = write_run_report(out, adapter=adapter)
     print(f"report: {path}")
