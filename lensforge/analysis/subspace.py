@@ -27,7 +27,7 @@ from lensforge.models.adapter import ModelAdapter
 
 
 def output_basis(w_u: Tensor, m: int | None = None, energy: float | None = None
-                 ) -> tuple[Tensor, Tensor, int]:
+                 ) -> tuple[Tensor, Tensor, Tensor]:
     """Right singular vectors of W_U [V, H].
 
     Returns (Q_out [H, m], Q_int [H, H − m], singular values [H]). The output size m is
@@ -36,10 +36,13 @@ def output_basis(w_u: Tensor, m: int | None = None, energy: float | None = None
     if (m is None) == (energy is None):
         raise ConfigError("give exactly one of m (output subspace size) or an energy threshold")
     w = w_u.detach().double()
-    _, s, vh = torch.linalg.svd(w, full_matrices=True)
+    # Right singular vectors = eigenvectors of the H x H Gram matrix WᵀW (σ² = eigenvalues):
+    # a full basis of R^H even when V < H, and never the V x V left factor.
+    evals, evecs = torch.linalg.eigh(w.T @ w)
+    order = evals.argsort(descending=True)
+    sigma = evals[order].clamp_min(0).sqrt()
+    v = evecs[:, order]  # [H, H], columns = right singular vectors, descending σ
     width = w.shape[1]
-    sigma = torch.zeros(width, dtype=s.dtype)
-    sigma[: s.shape[0]] = s
     if m is None:
         if not 0 < energy <= 1:
             raise ConfigError(f"energy threshold must be in (0, 1], got {energy}")
@@ -47,7 +50,6 @@ def output_basis(w_u: Tensor, m: int | None = None, energy: float | None = None
         m = int((cum < energy - 1e-12).sum()) + 1
     if not 0 < m < width:
         raise ConfigError(f"output subspace size m must be between 1 and H-1 = {width - 1}, got {m}")
-    v = vh.T  # [H, H], columns = right singular vectors, descending σ
     return v[:, :m].float(), v[:, m:].float(), sigma.float()
 
 
