@@ -207,7 +207,8 @@ def generate(
     residual indices j in 1..L-1 to check (default all); exit_every=m checks j = m, 2m, ...;
     min_layer drops earlier ones. check="screened" screens each check over a shortlist
     (`screen_static` most frequent ids + prompt + history) and runs the full [1 × V]
-    check only when the screen says exit (see confidence.py). avg_input_len: the rule's N (default: this prompt's length).
+    check only when the screen says exit (see confidence.py). avg_input_len: the rule's N
+    (default: this prompt's length).
     stop_tokens: default the model's EOS ids; () never stops early.
     force_exit_layer: testing hook, every decode step exits at this layer.
     Returns a GenerationResult (and the DynamicCache when return_cache=True).
