@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny_model
 
 from lensforge.analysis.depth import depth_study, prediction_depth
 from lensforge.analysis.injection import (
@@ -32,8 +33,6 @@ from lensforge.cli.main import main
 from lensforge.errors import ConfigError, UnsupportedModelError
 from lensforge.lenses import LogitLens, TunedLens, save_lens
 from lensforge.models import ModelAdapter
-
-from conftest import build_tiny_model
 
 
 def char_tokenizer():
