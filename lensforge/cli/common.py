@@ -14,8 +14,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help="built-in name (smollm2, gemma3-270m), folder, .gguf file or hub id "
                         "(default: %(default)s)")
-    g.add_argument("--dtype", default="bfloat16",
-                   help="model dtype: float32 or bfloat16 (default: %(default)s)")
+    g.add_argument("--dtype", default="auto",
+                   help="model dtype: auto (bf16 on GPU or a CPU with bf16 hardware, else "
+                        "float32), float32 or bfloat16 (default: %(default)s)")
     g.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     g.add_argument("--layers-path", help="dotted path of the block list, for unusual models")
     g.add_argument("--norm-path", help="dotted path of the final norm")

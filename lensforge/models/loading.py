@@ -36,13 +36,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LENSFORGE_CACHE", Path.home() / ".cache" / "lensforge"))
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def fast_cpu_bf16() -> bool:
+    """True when this CPU has bf16 matmul hardware (AVX-512 BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def parse_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """Map a name to a torch dtype. "auto": bf16 on CUDA or on a CPU with bf16 hardware,
+    else fp32 (bf16 emulated on an older CPU is several times slower than fp32)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        on_cuda = str(device).startswith("cuda")
+        return torch.bfloat16 if on_cuda or fast_cpu_bf16() else torch.float32
     try:
         return DTYPES[dtype.lower()]
     except KeyError:
-        raise ModelLoadError(f"unknown dtype '{dtype}'; use one of {sorted(DTYPES)}") from None
+        raise ModelLoadError(
+            f"unknown dtype '{dtype}'; use auto or one of {sorted(DTYPES)}"
+        ) from None
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
@@ -103,7 +119,7 @@ def load_model(
     spec: str = DEFAULT_MODEL,
     *,
     dtype: str | torch.dtype = "float32",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu",  # dtype "auto" picks bf16 where it is fast
     parts: dict[str, str] | None = None,
     verify: bool = True,
 ) -> ModelAdapter:
@@ -117,7 +133,7 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep stderr for our own messages
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype, device)
     source, gguf_file = resolve_model_source(spec)
     kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
     try:

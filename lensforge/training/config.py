@@ -37,7 +37,7 @@ class TrainConfig:
     seq_len: int = 512
     clip: float = 1.0
     seed: int = 0
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str = "cpu"
     checkpoint_every: int = 10
     token_chunk: int = 2048
