@@ -216,11 +216,13 @@ def test_residual_gradient_matches_finite_differences():
         return float(s / c)
 
     assert loss_with(0, torch.zeros_like(hs[0])) == pytest.approx(float(loss), rel=1e-10)
-    eps = 1e-4
+    # HF eager attention takes its softmax in float32 even in a float64 model, so the
+    # difference quotient carries ~1e-7 rounding: a moderate eps and a 0.1% tolerance.
+    eps = 1e-3
     for layer in range(adapter.n_layers):
         update = hs[layer + 1] - hs[layer]
         fd = (loss_with(layer, eps * update) - loss_with(layer, -eps * update)) / (2 * eps)
-        assert float((grads[layer] * update).sum()) == pytest.approx(fd, rel=1e-5, abs=1e-9)
+        assert float((grads[layer] * update).sum()) == pytest.approx(fd, rel=1e-3, abs=1e-6)
     # The gradient at the final residual is the gradient through norm + W_U only.
     h_final = hs[-1].clone().requires_grad_(True)
     s, c = next_token_ce(adapter.final_logits(h_final), ids)
