@@ -27,17 +27,17 @@ def test_train_and_evaluate_on_smollm2(smollm2, tmp_path):
     adapter = smollm2
     assert adapter.n_layers == 30 and adapter.hidden_size == 576 and adapter.tied
     cfg = TrainConfig(model="smollm2", data="stdlib", lens_types=["lowrank"], k=32,
-                      init_tokens=2048, tokens=512, tokens_per_step=256, batch_size=2,
-                      seq_len=128, lr=3e-4, out=str(tmp_path / "run"))
+                      init_tokens=1024, tokens=512, tokens_per_step=256, batch_size=1,
+                      seq_len=256, lr=3e-4, out=str(tmp_path / "run"))
     result = train(cfg, adapter, progress=False)
     assert len(result.history) == 2
     lens = load_lens(tmp_path / "run" / "lenses" / "lora_k32", adapter)
     assert lens.rank == 576 // 32
     stream = PackedTokenStream(lambda: iter_documents("stdlib", split="heldout"),
-                               adapter.tokenizer, 128)
+                               adapter.tokenizer, 256)
     res = evaluate(adapter, {"lora": lens}, stream.batches(2), max_tokens=512)
     logit, lora = res["logit"]["mean"]["kl"], res["lora"]["mean"]["kl"]
-    # even 2k tokens of closed-form statistics must beat the logit lens clearly
+    # even 1k tokens of closed-form statistics must beat the logit lens clearly
     assert lora < 0.75 * logit, (lora, logit)
     # the identity lens on the last layer is the model: its KL must be ~0 there
     assert res["logit"]["kl"][-1] < res["logit"]["kl"][0]

@@ -26,8 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-field", default="text")
     p.add_argument("-k", type=positive, default=32, help="LoRA rank divisor")
     p.add_argument("--init-tokens", type=int, default=32_768, help="closed-form statistics tokens")
-    p.add_argument("--tokens", type=int, default=32_768, help="KL fine-tuning tokens")
-    p.add_argument("--eval-tokens", type=positive, default=16_384, help="held-out tokens")
+    p.add_argument("--tokens", type=int, default=4096, help="KL fine-tuning tokens")
+    p.add_argument("--tokens-per-step", type=positive, default=2048,
+                   help="tokens per optimizer step")
+    p.add_argument("--eval-tokens", type=positive, default=8192, help="held-out tokens")
     p.add_argument("--seq-len", type=positive, default=512)
     p.add_argument("--batch-size", type=positive, default=4)
     p.add_argument("--out", default="runs/main", help="output folder")
@@ -43,7 +45,7 @@ def run_main(args: argparse.Namespace) -> int:
     cfg = TrainConfig(model=args.model, data=args.data, text_field=args.text_field,
                       lens_types=["lowrank"], k=args.k, init_tokens=args.init_tokens,
                       tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
-                      tokens_per_step=max(8192, args.seq_len * args.batch_size),
+                      tokens_per_step=max(args.tokens_per_step, args.seq_len * args.batch_size),
                       dtype=args.dtype, lr=3e-4, out=str(out / "train"))
     result = train(cfg, adapter, resume=args.resume)
     t_train = time.perf_counter() - t0 - t_load
