@@ -103,7 +103,7 @@ def test_lr_schedule_warmup_then_linear_decay():
                       warmup_steps=2)
     factors = [lr_factor(s, cfg) for s in range(cfg.total_steps)]
     assert factors[0] < factors[1] < factors[2] == 1.0
-    assert all(a > b for a, b in zip(factors[2:], factors[3:]))
+    assert all(a > b for a, b in zip(factors[2:], factors[3:], strict=False))
 
 
 @pytest.mark.parametrize(
