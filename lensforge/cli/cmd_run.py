@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=4096, help="KL fine-tuning tokens")
     p.add_argument("--tokens-per-step", type=positive, default=2048,
                    help="tokens per optimizer step")
-    p.add_argument("--eval-tokens", type=positive, default=8192, help="held-out tokens")
+    p.add_argument("--eval-tokens", type=positive, default=4096, help="held-out tokens")
     p.add_argument("--seq-len", type=positive, default=512)
     p.add_argument("--batch-size", type=positive, default=4)
     p.add_argument("--out", default="runs/main", help="output folder")

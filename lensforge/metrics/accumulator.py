@@ -8,7 +8,7 @@ from torch import Tensor
 
 from lensforge.metrics._tensor import log_probs
 from lensforge.metrics.agreement import precision_at_k
-from lensforge.metrics.divergence import entropy_from_logprobs, kl_from_logprobs
+from lensforge.metrics.divergence import entropy_from_logprobs, kl_from_probs_and_logprobs
 
 # Metrics averaged over every unmasked token, and those only over tokens with a valid target.
 _TOKEN_METRICS = ("kl", "entropy", "precision@1", "precision@5", "surprisal")
@@ -66,6 +66,8 @@ class LayerMetricAccumulator:
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}")
         self.n_layers = n_layers
+        self._cached_key: tuple | None = None
+        self._cached_p: Tensor | None = None
         names = _TOKEN_METRICS + _TARGET_METRICS
         self._sums = {name: [0.0] * n_layers for name in names}
         self._count = [0] * n_layers
@@ -122,8 +124,13 @@ class LayerMetricAccumulator:
         p_lp = p_lp.to(q_lp.dtype) if p_lp.dtype != q_lp.dtype else p_lp
         k5 = min(5, q_lp.shape[-1])
         top1 = q_lp.argmax(dim=-1, keepdim=True)
+        # exp of the final log-probs is shared by every layer of a chunk: compute it once
+        key = (final_logprobs if final_is_normalized and mask is None else None, q_lp.dtype)
+        if key[0] is None or self._cached_key is None or self._cached_key[0] is not key[0] \
+                or self._cached_key[1] != key[1]:
+            self._cached_key, self._cached_p = key, p_lp.exp()
         batch = {
-            "kl": kl_from_logprobs(p_lp, q_lp),
+            "kl": kl_from_probs_and_logprobs(self._cached_p, p_lp, q_lp),
             "entropy": entropy_from_logprobs(q_lp),
             "precision@1": (top1.squeeze(-1) == p_lp.argmax(dim=-1)).double(),
             "precision@5": precision_at_k(q_lp, p_lp, k5),

@@ -19,7 +19,14 @@ def kl_from_logprobs(p_logprobs: Tensor, q_logprobs: Tensor) -> Tensor:
     Terms where p = 0 contribute 0 (not NaN), even where q = 0 too. Skips normalization,
     for hot loops that already hold log-probs; use `kl_divergence` otherwise.
     """
-    p = p_logprobs.exp()
+    return kl_from_probs_and_logprobs(p_logprobs.exp(), p_logprobs, q_logprobs)
+
+
+def kl_from_probs_and_logprobs(p: Tensor, p_logprobs: Tensor, q_logprobs: Tensor) -> Tensor:
+    """KL(p ‖ q) with p = exp(p_logprobs) already computed (reused across layers)."""
+    kl = (p * (p_logprobs - q_logprobs)).sum(dim=-1)
+    if torch.isfinite(kl).all():  # fast path: one pass, no masking copies
+        return kl
     terms = p * (p_logprobs - q_logprobs)
     # 0 * (-inf - x) is NaN in IEEE; the limit p log p -> 0 makes it 0.
     return torch.where(p > 0, terms, torch.zeros_like(terms)).sum(dim=-1)
@@ -28,6 +35,9 @@ def kl_from_logprobs(p_logprobs: Tensor, q_logprobs: Tensor) -> Tensor:
 def entropy_from_logprobs(logprobs: Tensor) -> Tensor:
     """Shannon entropy in nats for already-normalized log-probs `[..., V]` -> `[...]`."""
     p = logprobs.exp()
+    ent = -(p * logprobs).sum(dim=-1)
+    if torch.isfinite(ent).all():
+        return ent
     terms = p * logprobs
     return -torch.where(p > 0, terms, torch.zeros_like(terms)).sum(dim=-1)
 
