@@ -138,7 +138,7 @@ def _draw_panel(ax: Axes, metric: str, results: dict[str, dict], colors: dict[st
                         label=f"model ({lens})",
                     )
 
-    if metric == "kl" and _positive_span_decades(v for _, v in series.values()) > 2:
+    if metric in ("kl", "ppl") and _positive_span_decades(v for _, v in series.values()) > 2:
         ax.set_yscale("log")
     if metric.startswith("precision@"):
         ax.set_ylim(-0.02, 1.02)

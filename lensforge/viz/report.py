@@ -76,7 +76,7 @@ def _metrics_section(metrics: dict, raf: dict | None, model_id: str) -> str:
     for res in results.values():
         n = len(res.get("layers", []))
         for key, value in res.items():
-            if key != "layers" and isinstance(value, list) and len(value) == n and \
+            if key not in ("layers", "n_tokens") and isinstance(value, list) and len(value) == n and \
                     key not in per_layer:
                 per_layer.append(key)
     parts = ["<h2>Per-layer metrics (held-out text)</h2>"]
