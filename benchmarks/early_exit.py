@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import machine_description, update_section  # noqa: E402
 
 from lensforge.data import alpaca_instructions, format_chat  # noqa: E402
-from lensforge.early_exit import generate, make_check, propagated_kv  # noqa: E402
+from lensforge.early_exit import KVPropagator, generate, make_check, propagated_kv  # noqa: E402
 from lensforge.lenses import load_lens  # noqa: E402
 from lensforge.models import load_model  # noqa: E402
 
@@ -74,6 +74,13 @@ def check_costs(adapter, lens, repeat: int = 10) -> dict[str, float]:
 
     full, screen = make_check(lens, "full"), make_check(lens, "screened")
     screen.reset(ids[0].tolist())
+    L = adapter.n_layers
+    fused = KVPropagator(adapter.layers, 1)
+
+    def run_fused(start: int) -> None:
+        scratch = DynamicCache(config=model.config)
+        fused(scratch, h, start, cos, sin)
+
     return {
         "decoder layer": 1e3 * timed(run_layer, repeat),
         "full check [1×V]": 1e3 * timed(lambda: full(h[0, 0], 10, 0.0), repeat),
@@ -81,6 +88,8 @@ def check_costs(adapter, lens, repeat: int = 10) -> dict[str, float]:
             lambda: screen(h[0, 0], 10, 2.0), repeat),
         "K/V propagation, one skipped layer": 1e3 * timed(
             lambda: propagated_kv(layer, h, cos, sin), repeat),
+        f"fused K/V propagation, {L // 2} skipped layers (incl. cache appends)": 1e3 * timed(
+            lambda: run_fused(L - L // 2), repeat),
     }
 
 
@@ -100,6 +109,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompt-offset", type=int, default=0,
+                    help="first AlpacaEval instruction (tune on an offset, report on 0)")
+    ap.add_argument("--configs", default=None,
+                    help="JSON file with [[label, generate kwargs], ...] (default: CONFIGS)")
     ap.add_argument("--load-note", default="", help="machine load while measuring")
     ap.add_argument("--no-report", action="store_true")
     args = ap.parse_args()
@@ -108,7 +121,12 @@ def main() -> None:
     adapter = load_model("smollm2", dtype=args.dtype)
     lens = load_lens(args.lens, adapter)
     tok = adapter.tokenizer
-    instructions = alpaca_instructions()[: args.prompts]
+    instructions = alpaca_instructions()[args.prompt_offset : args.prompt_offset + args.prompts]
+    configs = CONFIGS
+    if args.configs:
+        configs = [(str(label), dict(kw)) for label, kw in json.loads(Path(args.configs).read_text())]
+        if configs[0][1] != {"lam": None}:
+            configs.insert(0, ("off", {"lam": None}))
     prompts = [tok(format_chat(tok, s), return_tensors="pt", add_special_tokens=False).input_ids
                for s in instructions]
     N = sum(p.shape[1] for p in prompts) / len(prompts)  # the rule's average input length
@@ -116,12 +134,12 @@ def main() -> None:
     print(json.dumps(costs, indent=2), flush=True)
 
     generate(adapter, lens, prompts[0], 4, lam=0.9)  # warm-up
-    labels = [c[0] for c in CONFIGS] + ["HF generate"]
+    labels = [c[0] for c in configs] + ["HF generate"]
     agg = {lab: {"seconds": 0.0, "cpu": 0.0, "tokens": 0, "exits": 0, "layer_sum": 0, "agree": 0,
                  "exit_agree": 0, "pos_agree": 0, "exact": 0, "ref_len": 0} for lab in labels}
     for n, ids in enumerate(prompts):
         ref = None
-        for label, kwargs in CONFIGS:
+        for label, kwargs in configs:
             c = time.process_time()
             res = generate(adapter, lens, ids, args.new_tokens, avg_input_len=N, **kwargs)
             a = agg[label]

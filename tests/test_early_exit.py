@@ -12,7 +12,9 @@ from conftest import build_tiny_model
 from lensforge.cli.main import main
 from lensforge.early_exit import (
     FullVocabCheck,
+    KVPropagator,
     ScreenedCheck,
+    ShortlistCheck,
     calm_threshold,
     check_lambda,
     generate,
@@ -81,7 +83,7 @@ def test_exits_off_stops_at_eos_like_generate():
 
 
 # ------------------------------------------------------------ forced exit: KV content
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_forced_exit_fills_skipped_kv_from_exit_state(family):
     from transformers import DynamicCache
 
@@ -131,6 +133,9 @@ def test_exit_layers_bound_the_checks():
     assert res.n_checks == 7 and res.settings["exit_layers"] == [2]
     res = generate(adapter, lens, prompt(), 8, lam=1.0, exit_every=2, stop_tokens=())
     assert res.settings["exit_layers"] == [2]
+    res = generate(adapter, lens, prompt(), 8, lam=1.0, exit_layers=[1, 2], min_layer=2,
+                   check="shortlist", stop_tokens=())
+    assert res.settings["exit_layers"] == [2] and res.settings["check"] == "shortlist"
     low = generate(adapter, lens, prompt(), 8, lam=0.0, min_layer=2, stop_tokens=())
     assert all(j == 2 or j == adapter.n_layers for j in low.exit_layers)
 
@@ -184,6 +189,75 @@ def test_screened_generation_equals_full_when_the_shortlist_is_the_vocabulary():
     assert full.n_full_checks == full.n_checks
     with pytest.raises(ConfigError):
         ScreenedCheck(lens, static=1)
+
+
+def test_shortlist_check_decides_from_the_shortlist_alone():
+    adapter = ModelAdapter(build_tiny_model("llama"), model_id="tiny-llama")
+    lens = LowRankLens.from_model(adapter, rank=4)
+    with torch.no_grad():
+        lens.up.normal_(0, 0.5)
+    screened = ScreenedCheck(lens, static=16, per_step=0, capacity=64)
+    short = ShortlistCheck(lens, static=16, per_step=0, capacity=64)
+    for c in (screened, short):
+        c.reset([20, 30])
+    shortlist = sorted(set(range(16)) | {20, 30})
+    gen = torch.Generator().manual_seed(1)
+    exits = 0
+    for _ in range(100):
+        h = torch.randn(adapter.hidden_size, generator=gen) * 3
+        with torch.no_grad():
+            z = lens(h, 2).float()[shortlist]
+        gap = float(top2_gap(torch.softmax(z, -1)))
+        for threshold in (0.0, 0.1, 0.3):
+            r = short(h, 2, threshold)
+            assert r.exit == (gap > threshold) and not r.full
+            if r.exit:  # the token is the shortlist's top-1; nothing outside S can be picked
+                exits += 1
+                assert int(r.logits.argmax()) == shortlist[int(z.argmax())]
+                outside = torch.ones(r.logits.shape[0], dtype=torch.bool)
+                outside[shortlist] = False
+                assert torch.isinf(r.logits[outside]).all()
+                # the screen passes exactly where the shortlist check exits
+                assert screened._screen(h, 2)[1] == pytest.approx(r.confidence)
+    assert exits > 0
+
+
+def test_shortlist_generation_equals_full_when_the_shortlist_is_the_vocabulary():
+    adapter = ModelAdapter(build_tiny_model("qwen3"), model_id="tiny-qwen3")
+    lens = LogitLens.from_model(adapter)
+    kw = dict(lam=0.0, stop_tokens=())
+    full = generate(adapter, lens, prompt(), 12, check="full", **kw)
+    short = generate(adapter, lens, prompt(), 12, check="shortlist", screen_static=128, **kw)
+    assert short.tokens == full.tokens and short.exit_layers == full.exit_layers
+    assert short.n_full_checks == 0 and short.exit_rate > 0
+    # Nothing exits at λ = 1 on this model, whichever check: the model's own decoding.
+    ref = generate(adapter, None, prompt(), 12, lam=None, stop_tokens=())
+    strict = generate(adapter, lens, prompt(), 12, lam=1.0, check="shortlist",
+                      screen_static=128, stop_tokens=())
+    assert strict.tokens == ref.tokens and strict.exit_rate == 0.0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_fused_kv_propagation_equals_per_block(family):
+    from transformers import DynamicCache
+
+    from lensforge.early_exit import propagated_kv
+
+    model = build_tiny_model(family)
+    adapter = ModelAdapter(model, model_id=f"tiny-{family}")
+    L = adapter.n_layers
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(1, 1, adapter.hidden_size, generator=gen)
+    cos, sin = model.model.rotary_emb(h, torch.tensor([[9]]))
+    for first, start in ((1, 1), (1, 2), (2, 1)):  # (2, 1): below the fused range, per block
+        prop = KVPropagator(adapter.layers, first)
+        assert prop.fused
+        cache = DynamicCache(config=model.config)
+        prop(cache, h, start, cos, sin)
+        for s in range(start, L):
+            k, v = propagated_kv(adapter.layers[s], h, cos, sin)
+            torch.testing.assert_close(cache.layers[s].keys, k)
+            torch.testing.assert_close(cache.layers[s].values, v)
 
 
 # ------------------------------------------------------------------------- bad inputs
@@ -246,6 +320,11 @@ def test_cli_generate(tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out)
     assert stats["new_tokens"] <= 6 and 0.0 <= stats["exit_rate"] <= 1.0
     assert stats["settings"]["lambda"] == 0.3
+    rc = main(["generate", "Hello", "--lens", "logit", "--lambda", "0.3", "--json", "--check",
+               "shortlist", "--exit-layers", "2", *common])
+    assert rc == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["settings"]["exit_layers"] == [2] and stats["settings"]["check"] == "shortlist"
     assert main(["generate", "Hello", "--lambda", "off", *common]) == 0
     assert "exit rate 0.0%" in capsys.readouterr().out
     assert main(["generate", "Hello", "--lens", "logit", "--lambda", "1.5", *common]) == 2

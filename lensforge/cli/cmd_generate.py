@@ -27,12 +27,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="CALM λ in [0, 1] (higher = stricter, fewer exits), or 'off'")
     p.add_argument("--exit-every", type=positive, default=None,
                    help="check the lens only after every m-th block (default: every block)")
+    p.add_argument("--exit-layers", type=positive, nargs="+", default=None,
+                   help="residual indices j (exit after block j-1) to check, instead of "
+                        "--exit-every")
     p.add_argument("--min-layer", type=positive, default=1,
                    help="first residual index at which a token may exit")
-    p.add_argument("--check", choices=("full", "screened"), default="screened",
+    p.add_argument("--check", choices=("full", "screened", "shortlist"), default="screened",
                    help="full: a [1 x V] lens unembedding per check; screened: score a token "
                         "shortlist first and confirm exits with a full check (same exits, "
-                        "except ones whose lens top-1 is outside the shortlist)")
+                        "except ones whose lens top-1 is outside the shortlist); shortlist: "
+                        "the shortlist alone decides and picks the token (no [1 x V] "
+                        "unembedding on exit; approximate)")
     p.add_argument("--screen-static", type=positive, default=1024,
                    help="screened check: the shortlist's most frequent token ids")
     p.add_argument("--max-new-tokens", type=positive, default=64, help="tokens to generate")
@@ -74,6 +79,7 @@ def run_generate(args: argparse.Namespace) -> int:
         prompt = format_chat(tok, prompt)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=not args.chat).input_ids
     result = generate(adapter, lens, ids, args.max_new_tokens, lam, exit_every=args.exit_every,
+                      exit_layers=args.exit_layers,
                       min_layer=args.min_layer, check=args.check,
                       screen_static=args.screen_static,
                       do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,

@@ -1,16 +1,24 @@
 """Early-exit generation from trained lenses (CALM rule, real block skipping)."""
 
-from lensforge.early_exit.confidence import CheckResult, FullVocabCheck, ScreenedCheck, make_check
+from lensforge.early_exit.confidence import (
+    CheckResult,
+    FullVocabCheck,
+    ScreenedCheck,
+    ShortlistCheck,
+    make_check,
+)
 from lensforge.early_exit.decoder import (
     SUPPORTED_FAMILIES,
     GenerationResult,
+    KVPropagator,
     generate,
     propagated_kv,
 )
 from lensforge.early_exit.rule import calm_threshold, check_lambda, should_exit, top2_gap
 
 __all__ = [
-    "SUPPORTED_FAMILIES", "CheckResult", "FullVocabCheck", "GenerationResult", "ScreenedCheck",
+    "SUPPORTED_FAMILIES", "CheckResult", "FullVocabCheck", "GenerationResult", "KVPropagator",
+    "ScreenedCheck", "ShortlistCheck",
     "calm_threshold", "check_lambda", "generate", "make_check", "propagated_kv", "should_exit",
     "top2_gap",
 ]

@@ -16,6 +16,11 @@ CALM decision "Δ = p(top-1) − p(top-2) > threshold?" and, on exit, the lens's
   never worse agreement). S = the `static` most frequent tokens (by id: BPE vocabularies
   are in merge order, most frequent first) ∪ the prompt's tokens ∪ each emitted token
   and the top-`per_step` tokens of its distribution, capped at `capacity` rows.
+- `ShortlistCheck`: the screen alone decides, with no full check: exit iff Δ_S > threshold,
+  and the exit token is the shortlist's top-1. Approximate in both directions (the lens's
+  top-1 may lie outside S, and Δ_S ≥ Δ makes exits more eager than the full rule), but an
+  exit costs no [1 × V] unembedding at all, which is most of what an exit at a late layer
+  can save on a small model. Its effect on agreement is measured, not assumed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import Tensor
 
 from lensforge.early_exit.rule import top2_gap
 from lensforge.errors import ConfigError
-from lensforge.lenses import Lens
+from lensforge.lenses import Lens, LowRankLens
 
 
 @dataclass
@@ -48,6 +53,25 @@ class FullVocabCheck:
 
     def __init__(self, lens: Lens) -> None:
         self.lens = lens
+        self._factors: dict[int, tuple | None] = {}
+
+    def _transform(self, h: Tensor, layer: int) -> Tensor:
+        """lens.transform_hidden(h, layer), with a LoRA-Lens's per-layer factors cached as
+        contiguous matrices: at batch 1 the strided A_l, B_l views cost more than the
+        products themselves."""
+        if layer not in self._factors:
+            lens, f = self.lens, None
+            if isinstance(lens, LowRankLens) and 0 <= layer < lens.n_layers:
+                f = (lens.down[layer].detach().t().contiguous(),
+                     lens.up[layer].detach().t().contiguous(),
+                     None if lens.bias is None else lens.bias[layer].detach())
+            self._factors[layer] = f
+        f = self._factors[layer]
+        if f is None or h.shape[-1] != f[0].shape[0]:
+            return self.lens.transform_hidden(h, layer)
+        down, up, bias = (t if t is None else t.to(h.dtype) for t in f)
+        out = h + (h @ down) @ up
+        return out if bias is None else out + bias
 
     def reset(self, prompt_ids: Iterable[int]) -> None:
         """Called once per generation, before the first decode step."""
@@ -58,7 +82,7 @@ class FullVocabCheck:
     @torch.no_grad()
     def __call__(self, h: Tensor, layer: int, threshold: float) -> CheckResult:
         """h: [H] residual entering block `layer` -> exit iff Δ > threshold."""
-        logits = self.lens(h, layer).float()
+        logits = self.lens.unembed(self._transform(h, layer)).float()
         conf = float(top2_gap(torch.softmax(logits, dim=-1)))
         return CheckResult(conf > threshold, conf, logits, True)
 
@@ -82,6 +106,8 @@ class ScreenedCheck(FullVocabCheck):
         self._weight = unembed.weight.new_empty(self.capacity, hidden)
         self._bias = None if unembed.bias is None else unembed.bias.new_empty(self.capacity)
         self._member = torch.zeros(vocab, dtype=torch.bool, device=unembed.weight.device)
+        self._ids = torch.zeros(self.capacity, dtype=torch.long, device=unembed.weight.device)
+        self.vocab = vocab
         self.size = 0
 
     def _add(self, ids: Tensor) -> None:
@@ -96,6 +122,7 @@ class ScreenedCheck(FullVocabCheck):
         if self._bias is not None:
             self._bias[self.size : end] = unembed.bias.index_select(0, ids)
         self._member[ids] = True
+        self._ids[self.size : end] = ids
         self.size = end
 
     def reset(self, prompt_ids: Iterable[int]) -> None:
@@ -111,22 +138,49 @@ class ScreenedCheck(FullVocabCheck):
         self._add(torch.cat(new))
 
     @torch.no_grad()
-    def __call__(self, h: Tensor, layer: int, threshold: float) -> CheckResult:
+    def _screen(self, h: Tensor, layer: int) -> tuple[Tensor, float]:
+        """Lens logits over the shortlist [|S|] and their confidence Δ_S."""
         unembed = self.lens.unembed
-        x = unembed.norm(self.lens.transform_hidden(h, layer))
+        x = unembed.norm(self._transform(h, layer))
         bias = None if self._bias is None else self._bias[: self.size]
         logits = unembed.apply_quirks(
             torch.nn.functional.linear(x, self._weight[: self.size], bias)).float()
-        screened = float(top2_gap(torch.softmax(logits, dim=-1)))
+        return logits, float(top2_gap(torch.softmax(logits, dim=-1)))
+
+    @torch.no_grad()
+    def __call__(self, h: Tensor, layer: int, threshold: float) -> CheckResult:
+        _, screened = self._screen(h, layer)
         if not screened > threshold:  # Δ ≤ Δ_S ≤ threshold whenever top-1 ∈ S
             return CheckResult(False, screened, None, False)
         return super().__call__(h, layer, threshold)
 
 
+class ShortlistCheck(ScreenedCheck):
+    """The shortlist screen alone: exit iff Δ_S > threshold, token = the shortlist's top-1.
+
+    On exit, the returned logits are [V] with -inf outside S (so greedy picks the
+    shortlist's top-1 and sampling samples within S). No [1 × V] unembedding is ever run.
+    """
+
+    name = "shortlist"
+
+    @torch.no_grad()
+    def __call__(self, h: Tensor, layer: int, threshold: float) -> CheckResult:
+        logits, screened = self._screen(h, layer)
+        if not screened > threshold:
+            return CheckResult(False, screened, None, False)
+        full = logits.new_full((self.vocab,), float("-inf"))
+        full[self._ids[: self.size]] = logits
+        return CheckResult(True, screened, full, False)
+
+
 def make_check(lens: Lens, mode: str = "full", **kwargs: int) -> FullVocabCheck:
-    """mode "full" -> FullVocabCheck; "screened" -> ScreenedCheck(**kwargs)."""
+    """mode "full" -> FullVocabCheck; "screened" -> ScreenedCheck(**kwargs); "shortlist" ->
+    ShortlistCheck(**kwargs)."""
     if mode == "full":
         return FullVocabCheck(lens)
     if mode == "screened":
         return ScreenedCheck(lens, **kwargs)
-    raise ConfigError(f"unknown check '{mode}'; use 'full' or 'screened'")
+    if mode == "shortlist":
+        return ShortlistCheck(lens, **kwargs)
+    raise ConfigError(f"unknown check '{mode}'; use 'full', 'screened' or 'shortlist'")
