@@ -206,3 +206,31 @@ def test_lens_logits_by_layer_matches_per_layer_unembed(family: str, tiny_adapte
             torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
             seen.append(layer)
     assert seen == list(range(adapter.n_layers))
+
+
+def test_workspace_is_reused_and_exact(tiny_adapter, tiny_input_ids: Tensor) -> None:
+    """The reused logits/target buffers give the same loss and gradients as fresh ones,
+    across calls whose chunk shapes differ (the buffer is sliced, never stale)."""
+    from lensforge.training.fast_loss import Workspace
+
+    adapter = tiny_adapter("llama")
+    hs, final_h = _hidden(adapter, tiny_input_ids)
+    block = 5 * adapter.vocab_size * 4 * 2
+    ws = Workspace()
+    for n_tokens in (hs.shape[1], 3, hs.shape[1] - 1):  # shrink, then grow again
+        h, f = hs[:, :n_tokens], final_h[:n_tokens]
+        lenses, twins = _lenses(adapter), _lenses(adapter)
+        got = fused_kl_loss_backward(lenses, h, f, adapter.unembed, token_chunk=5,
+                                     block_bytes=block, workspace=ws)
+        ptrs = {role: buf.data_ptr() for role, buf in ws._bufs.items()}
+        ref = fused_kl_loss_backward(twins, h, f, adapter.unembed, token_chunk=5,
+                                     block_bytes=block, workspace=Workspace())
+        for name in lenses:
+            assert torch.equal(got[name], ref[name])
+            for p, q in zip(lenses[name].parameters(), twins[name].parameters(), strict=True):
+                assert torch.equal(p.grad, q.grad)
+    assert set(ptrs) == {"z", "p"}
+    again = fused_kl_loss_backward(_lenses(adapter), hs, final_h, adapter.unembed,
+                                   token_chunk=5, block_bytes=block, workspace=ws)
+    assert {role: buf.data_ptr() for role, buf in ws._bufs.items()} == ptrs  # no new buffers
+    assert all(torch.isfinite(v).all() for v in again.values())

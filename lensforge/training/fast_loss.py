@@ -25,8 +25,37 @@ from torch import Tensor
 from lensforge.errors import NonFiniteError
 from lensforge.lenses.base import Lens
 
-# Bytes of fp32 logits one block may hold (a few such temporaries live at once).
-DEFAULT_BLOCK_BYTES = {"cpu": 256 * 2**20, "cuda": 2 * 2**30}
+# Bytes of fp32 logits one block may hold. On CPU the block is small (a [128 x 49152]
+# block is 24 MiB): a 128-row matmul already runs at the machine's GEMM rate, and the
+# two reused workspaces (logits block, target p) bound the loss's extra memory.
+DEFAULT_BLOCK_BYTES = {"cpu": 24 * 2**20, "cuda": 2 * 2**30}
+
+
+class Workspace:
+    """Reusable [rows, V] fp32 buffers, so no block allocates fresh logits.
+
+    Fresh 100 MB tensors cost a page fault per 4 KiB on every use (glibc hands them
+    back to the OS on free); reusing one buffer per role avoids that and keeps the
+    loss's resident memory flat. One workspace per thread of use; not thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, Tensor] = {}
+
+    def get(self, role: str, rows: int, cols: int, device: torch.device) -> Tensor:
+        """A contiguous [rows, cols] fp32 view of the `role` buffer (grown as needed)."""
+        buf = self._bufs.get(role)
+        if buf is None or buf.device != device or buf.shape[1] != cols or buf.shape[0] < rows:
+            self._bufs.pop(role, None)
+            buf = torch.empty(rows, cols, dtype=torch.float32, device=device)
+            self._bufs[role] = buf
+        return buf[:rows]
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
+_WORKSPACE = Workspace()
 
 
 def compute_dtype_for(unembed: torch.nn.Module, requested: torch.dtype | str | None = None
@@ -66,27 +95,46 @@ def _quirks(unembed: torch.nn.Module) -> tuple[float, float | None]:
 
 
 def target_stats(final_h: Tensor, unembed: torch.nn.Module, weight: Tensor,
-                 bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+                 bias: Tensor | None, workspace: Workspace | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Target distribution of a token chunk, computed once for all layers and lenses.
 
     final_h: [C, H] pre-norm final residual. Returns p [C, V] fp32, its negative entropy
     Σ p log p [C] (nats), and p W_U [C, H] (None when a soft-cap makes it unusable).
+    With a `workspace`, p lives in its "p" buffer (valid until the next call) and the
+    logits in its "z" buffer: no [C, V] tensor is allocated.
     """
     model_dtype = unembed.weight.dtype
     with torch.no_grad():
         x = unembed.norm(final_h.to(model_dtype)).to(weight.dtype)
-        logits = _logits(x, weight, bias, *_quirks(unembed))
-        logp = torch.log_softmax(logits, dim=-1)
-        p = logp.exp()
-        neg_entropy = (p * logp).sum(-1)
+        C, V = x.shape[0], weight.shape[0]
+        z_out = p = None
+        if workspace is not None:
+            z_out = workspace.get("z", C, V, x.device)
+            p = workspace.get("p", C, V, x.device)
+        z = _logits(x, weight, bias, *_quirks(unembed), out=z_out)
+        z.sub_(z.amax(-1, keepdim=True))  # z - max
+        p = torch.exp(z, out=p)
+        log_s = p.sum(-1).log_()
+        p.div_(log_s.exp()[:, None])
+        # Σ p log p = Σ p (z - max) - log Σ exp(z - max), since Σ p = 1.
+        neg_entropy = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(C) - log_s
         p_w = None if _quirks(unembed)[1] is not None else p @ weight.float()
     return p, neg_entropy, p_w
 
 
 def _logits(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
-            softcap: float | None) -> Tensor:
-    """x [M, H] (already normed, compute dtype) -> fp32 logits [M, V] with quirks applied."""
-    z = (x @ weight.T).float()
+            softcap: float | None, out: Tensor | None = None) -> Tensor:
+    """x [M, H] (already normed, compute dtype) -> fp32 logits [M, V] with quirks applied.
+
+    `out`: an fp32 [M, V] buffer to write into (used directly when the matmul is fp32).
+    """
+    if out is not None and x.dtype == torch.float32 and weight.dtype == torch.float32:
+        z = torch.mm(x, weight.T, out=out)
+    elif out is not None:
+        z = out.copy_(x @ weight.T)
+    else:
+        z = (x @ weight.T).float()
     if bias is not None:
         z += bias.float()
     if scale != 1.0:
@@ -106,14 +154,17 @@ class UnembedKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, p: Tensor,
                 neg_entropy: Tensor, p_w: Tensor | None, scale: float,
-                softcap: float | None, rows_per_block: int, need_grad: bool) -> Tensor:
+                softcap: float | None, rows_per_block: int, need_grad: bool,
+                workspace: Workspace | None = None) -> Tensor:
         R, C, H = x.shape
+        V = weight.shape[0]
         kl = torch.empty(R, C, dtype=torch.float32, device=x.device)
         grad = torch.empty(R, C, H, dtype=torch.float32, device=x.device) if need_grad else None
         for r0 in range(0, R, rows_per_block):
             r1 = min(R, r0 + rows_per_block)
             xb = x[r0:r1].reshape(-1, H).to(weight.dtype)
-            z = _logits(xb, weight, bias, scale, softcap).view(r1 - r0, C, -1)
+            out = None if workspace is None else workspace.get("z", xb.shape[0], V, x.device)
+            z = _logits(xb, weight, bias, scale, softcap, out=out).view(r1 - r0, C, -1)
             if p_w is not None:
                 # Σ_v p z without another pass over [rows, V]: p·(s(x W_Uᵀ + b)).
                 pz = (xb.float().view(r1 - r0, C, H) * p_w).sum(-1)
@@ -136,8 +187,11 @@ class UnembedKL(torch.autograd.Function):
                     g.mul_(cap_grad)
                 if scale != 1.0:
                     g.mul_(scale)
-                gx = g.view(-1, g.shape[-1]).to(weight.dtype) @ weight
-                grad[r0:r1] = gx.view(r1 - r0, C, H).float()
+                g = g.view(-1, g.shape[-1])
+                if weight.dtype == torch.float32:
+                    torch.mm(g, weight, out=grad[r0:r1].view(-1, H))
+                else:
+                    grad[r0:r1] = (g.to(weight.dtype) @ weight).view(r1 - r0, C, H).float()
             del z, e
         ctx.save_for_backward(grad)
         ctx.x_dtype = x.dtype
@@ -149,7 +203,7 @@ class UnembedKL(torch.autograd.Function):
         if grad is None:
             raise RuntimeError("UnembedKL was run without need_grad; cannot backpropagate")
         grad_x = (grad * grad_kl[..., None]).to(ctx.x_dtype)
-        return grad_x, None, None, None, None, None, None, None, None, None
+        return grad_x, None, None, None, None, None, None, None, None, None, None
 
 
 def _rows_per_block(C: int, V: int, block_bytes: int) -> int:
@@ -167,6 +221,7 @@ def fused_kl_loss_backward(
     backward: bool = True,
     compute_dtype: torch.dtype | str | None = None,
     block_bytes: int | None = None,
+    workspace: Workspace | None = None,
 ) -> dict[str, Tensor]:
     """Drop-in for `loss.kl_loss_backward`: accumulates gradients of mean-over-tokens,
     sum-over-layers KL for each lens; returns per-lens per-layer mean KL [L] (fp32, nats).
@@ -192,16 +247,17 @@ def fused_kl_loss_backward(
     rows = _rows_per_block(chunk, V, block_bytes)
     model_dtype = unembed.weight.dtype
     totals = torch.zeros(len(names), L, dtype=torch.float64)
+    ws = workspace if workspace is not None else _WORKSPACE
     for start in range(0, N, chunk):
         sl = slice(start, min(N, start + chunk))
-        p, neg_entropy, p_w = target_stats(final_h[sl], unembed, weight, bias)
+        p, neg_entropy, p_w = target_stats(final_h[sl], unembed, weight, bias, ws)
         h = hs[:, sl].float()
         with torch.set_grad_enabled(backward and torch.is_grad_enabled()):
             states = torch.cat([lenses[n].transform_all(h) for n in names])  # [nL*L, C, H]
             normed = unembed.norm(states.to(model_dtype))
             need_grad = normed.requires_grad
             kl = UnembedKL.apply(normed, weight, bias, p, neg_entropy, p_w, scale_logit,
-                                 softcap, rows, need_grad)
+                                 softcap, rows, need_grad, ws)
             per_layer = kl.view(len(names), L, -1).sum(-1)  # [nL, L]
             if not torch.isfinite(per_layer).all():
                 bad = torch.nonzero(~torch.isfinite(per_layer))[0].tolist()
