@@ -219,6 +219,7 @@ def test_shortlist_check_decides_from_the_shortlist_alone():
                 assert torch.isinf(r.logits[outside]).all()
                 # the screen passes exactly where the shortlist check exits
                 assert screened._screen(h, 2)[1] == pytest.approx(r.confidence)
+                assert r.top1 == int(r.logits.argmax())
     assert exits > 0
 
 
@@ -235,6 +236,26 @@ def test_shortlist_generation_equals_full_when_the_shortlist_is_the_vocabulary()
     strict = generate(adapter, lens, prompt(), 12, lam=1.0, check="shortlist",
                       screen_static=128, stop_tokens=())
     assert strict.tokens == ref.tokens and strict.exit_rate == 0.0
+
+
+def test_patience_requires_a_stable_top1():
+    adapter = ModelAdapter(build_tiny_model("qwen3"), model_id="tiny-qwen3")
+    lens = LogitLens.from_model(adapter)
+    L = adapter.n_layers
+    kw = dict(lam=0.0, exit_layers=[1, 2], stop_tokens=(), check="shortlist", screen_static=128)
+    plain = generate(adapter, lens, prompt(), 12, **kw)
+    assert 1 in plain.exit_layers  # the plain rule exits at the first check
+    once = generate(adapter, lens, prompt(), 12, patience=1, **kw)
+    assert set(once.exit_layers[1:]) <= {2, L}  # a streak needs two checks
+    for tok, j in zip(once.tokens[1:], once.exit_layers[1:], strict=True):
+        if j == 2:  # layer-1 and layer-2 lenses agreed on the token
+            assert once.settings["patience"] == 1 and tok >= 0
+    # more patience than checks: nothing exits, the model's own decoding
+    never = generate(adapter, lens, prompt(), 12, patience=2, **kw)
+    ref = generate(adapter, None, prompt(), 12, lam=None, stop_tokens=())
+    assert never.tokens == ref.tokens and never.exit_rate == 0.0
+    with pytest.raises(ConfigError, match="patience"):
+        generate(adapter, lens, prompt(), 4, lam=0.5, patience=-1)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])

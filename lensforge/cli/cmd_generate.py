@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "unembedding on exit; approximate)")
     p.add_argument("--screen-static", type=positive, default=1024,
                    help="screened check: the shortlist's most frequent token ids")
+    p.add_argument("--patience", type=int, default=0,
+                   help="also require the same lens top-1 at this and the previous N checks "
+                        "before exiting (0: the plain CALM rule)")
     p.add_argument("--max-new-tokens", type=positive, default=64, help="tokens to generate")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -81,7 +84,7 @@ def run_generate(args: argparse.Namespace) -> int:
     result = generate(adapter, lens, ids, args.max_new_tokens, lam, exit_every=args.exit_every,
                       exit_layers=args.exit_layers,
                       min_layer=args.min_layer, check=args.check,
-                      screen_static=args.screen_static,
+                      screen_static=args.screen_static, patience=args.patience,
                       do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
                       seed=args.seed)
     stats = result.summary()

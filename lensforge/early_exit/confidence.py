@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lensforge.early_exit.rule import top2_gap
 from lensforge.errors import ConfigError
 from lensforge.lenses import Lens, LowRankLens
 
@@ -44,6 +43,7 @@ class CheckResult:
     confidence: float
     logits: Tensor | None
     full: bool  # whether a full [1 × V] unembedding was computed
+    top1: int = -1  # the lens's top-1 token id (of the last stage run)
 
 
 class FullVocabCheck:
@@ -83,8 +83,9 @@ class FullVocabCheck:
     def __call__(self, h: Tensor, layer: int, threshold: float) -> CheckResult:
         """h: [H] residual entering block `layer` -> exit iff Δ > threshold."""
         logits = self.lens.unembed(self._transform(h, layer)).float()
-        conf = float(top2_gap(torch.softmax(logits, dim=-1)))
-        return CheckResult(conf > threshold, conf, logits, True)
+        top = torch.topk(torch.softmax(logits, dim=-1), 2)
+        conf = float(top.values[0] - top.values[1])
+        return CheckResult(conf > threshold, conf, logits, True, int(top.indices[0]))
 
 
 class ScreenedCheck(FullVocabCheck):
@@ -138,20 +139,22 @@ class ScreenedCheck(FullVocabCheck):
         self._add(torch.cat(new))
 
     @torch.no_grad()
-    def _screen(self, h: Tensor, layer: int) -> tuple[Tensor, float]:
-        """Lens logits over the shortlist [|S|] and their confidence Δ_S."""
+    def _screen(self, h: Tensor, layer: int) -> tuple[Tensor, float, int]:
+        """Lens logits over the shortlist [|S|], their confidence Δ_S and top-1 token id."""
         unembed = self.lens.unembed
         x = unembed.norm(self._transform(h, layer))
         bias = None if self._bias is None else self._bias[: self.size]
         logits = unembed.apply_quirks(
             torch.nn.functional.linear(x, self._weight[: self.size], bias)).float()
-        return logits, float(top2_gap(torch.softmax(logits, dim=-1)))
+        top = torch.topk(torch.softmax(logits, dim=-1), 2)
+        return (logits, float(top.values[0] - top.values[1]),
+                int(self._ids[int(top.indices[0])]))
 
     @torch.no_grad()
     def __call__(self, h: Tensor, layer: int, threshold: float) -> CheckResult:
-        _, screened = self._screen(h, layer)
+        _, screened, top1 = self._screen(h, layer)
         if not screened > threshold:  # Δ ≤ Δ_S ≤ threshold whenever top-1 ∈ S
-            return CheckResult(False, screened, None, False)
+            return CheckResult(False, screened, None, False, top1)
         return super().__call__(h, layer, threshold)
 
 
@@ -166,12 +169,12 @@ class ShortlistCheck(ScreenedCheck):
 
     @torch.no_grad()
     def __call__(self, h: Tensor, layer: int, threshold: float) -> CheckResult:
-        logits, screened = self._screen(h, layer)
+        logits, screened, top1 = self._screen(h, layer)
         if not screened > threshold:
-            return CheckResult(False, screened, None, False)
+            return CheckResult(False, screened, None, False, top1)
         full = logits.new_full((self.vocab,), float("-inf"))
         full[self._ids[: self.size]] = logits
-        return CheckResult(True, screened, full, False)
+        return CheckResult(True, screened, full, False, top1)
 
 
 def make_check(lens: Lens, mode: str = "full", **kwargs: int) -> FullVocabCheck:

@@ -268,6 +268,7 @@ def generate(
     min_layer: int = 1,
     check: str = "full",
     screen_static: int = 1024,
+    patience: int = 0,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -285,7 +286,10 @@ def generate(
     min_layer drops earlier ones. check="screened" screens each check over a shortlist
     (`screen_static` most frequent ids + prompt + history) and runs the full [1 × V]
     check only when the screen says exit; check="shortlist" lets the shortlist alone
-    decide and pick the exit token (no [1 × V] unembedding on exit; see confidence.py). avg_input_len: the rule's N
+    decide and pick the exit token (no [1 × V] unembedding on exit; see confidence.py).
+    patience=p additionally requires the lens's top-1 to be the same at this check and
+    the p checks before it (of the same token) before exiting: a stability condition on
+    top of the CALM rule that trades exits for exit precision (0: the plain CALM rule). avg_input_len: the rule's N
     (default: this prompt's length).
     stop_tokens: default the model's EOS ids; () never stops early.
     force_exit_layer: testing hook, every decode step exits at this layer.
@@ -300,6 +304,8 @@ def generate(
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    if patience < 0:
+        raise ConfigError(f"patience must be >= 0, got {patience}")
     embed, rotary = _model_parts(adapter)
     L = adapter.n_layers
     uses_lens = lam is not None or force_exit_layer is not None
@@ -355,7 +361,7 @@ def generate(
         cos, sin = rotary(h, position_ids)
         threshold = float("-inf") if force_exit_layer else calm_threshold(lam or 0.0, step, N)
         result: CheckResult | None = None
-        exit_at = L
+        exit_at, prev_top, streak = L, -1, 0
         for j in range(L):
             h = layers[j](h, attention_mask=None, position_ids=position_ids,
                           past_key_values=cache, use_cache=True, position_embeddings=(cos, sin))
@@ -363,7 +369,9 @@ def generate(
                 result = checker(h[0, 0], j + 1, threshold)
                 n_checks += 1
                 n_full += result.full
-                if result.exit:
+                streak = streak + 1 if result.top1 == prev_top else 0
+                prev_top = result.top1
+                if result.exit and (streak >= patience or force_exit_layer is not None):
                     exit_at = j + 1
                     break
         if exit_at < L:
@@ -384,6 +392,7 @@ def generate(
     settings = {"lambda": lam, "exit_layers": sorted(checks),
                 "check": getattr(checker, "name", None),
                 "screen_static": screen_static if check in ("screened", "shortlist") else None,
+                "patience": patience,
                 "do_sample": do_sample, "N": N}
     result_obj = GenerationResult(
         prompt_ids=ids[0].tolist(), tokens=tokens, exit_layers=exits, n_layers=L,
