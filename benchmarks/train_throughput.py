@@ -342,8 +342,9 @@ def main() -> None:
         fits = []
         lenses = {"logit": LogitLens.from_model(adapter)}
         for n_tok in args.cf_tokens:
+            bs = max(1, min(4, n_tok // args.seq_len))  # statistics in whole batches
             cfg = TrainConfig(lens_types=["tuned"], init="closed-form", init_tokens=n_tok,
-                              tokens=0, batch_size=4, seq_len=args.seq_len, dtype="float32",
+                              tokens=0, batch_size=bs, seq_len=args.seq_len, dtype="float32",
                               out=str(work / f"cf{n_tok}"))
             t0 = time.perf_counter()
             cf = train(cfg, adapter, progress=False)
