@@ -26,6 +26,7 @@ from _report import machine_description, update_section  # noqa: E402
 
 from lensforge.data import alpaca_instructions, format_chat  # noqa: E402
 from lensforge.early_exit import KVPropagator, generate, make_check, propagated_kv  # noqa: E402
+from lensforge.early_exit.calibrate import load_thresholds  # noqa: E402
 from lensforge.lenses import load_lens  # noqa: E402
 from lensforge.models import load_model  # noqa: E402
 
@@ -149,6 +150,8 @@ def main() -> None:
             c = time.process_time()
             kwargs = dict(kwargs)
             use = lenses[kwargs.pop("lens")] if "lens" in kwargs else lens
+            if "thresholds" in kwargs:  # a calibration file (lensforge.early_exit.calibrate)
+                kwargs["layer_thresholds"] = load_thresholds(kwargs.pop("thresholds"))
             res = generate(adapter, use, ids, args.new_tokens, avg_input_len=N, **kwargs)
             a = agg[label]
             a["cpu"] += time.process_time() - c

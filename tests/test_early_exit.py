@@ -258,6 +258,50 @@ def test_patience_requires_a_stable_top1():
         generate(adapter, lens, prompt(), 4, lam=0.5, patience=-1)
 
 
+def test_calibrated_thresholds(tmp_path):
+    from lensforge.early_exit.calibrate import (
+        collect,
+        fit_thresholds,
+        load_thresholds,
+        save_thresholds,
+        simulate,
+    )
+
+    adapter = ModelAdapter(build_tiny_model("llama"), model_id="tiny-llama")
+    lens = LogitLens.from_model(adapter)
+    L = adapter.n_layers
+    refs = []
+    for seed in range(6):
+        ids = prompt(seed)
+        out = generate(adapter, None, ids, 12, lam=None, stop_tokens=())
+        refs.append((ids[0].tolist(), out.tokens))
+    data = collect(adapter, lens, refs, [1, 2], static=128)
+    assert data.conf["full"].shape == (6 * 11, 2) and data.target.shape == (6 * 11,)
+    # the full model's top-1 along its own greedy output is the next token
+    assert data.target.tolist() == [t for _, toks in refs for t in toks[1:]]
+    for target in (0.5, 0.9):
+        th = fit_thresholds(data, target, mode="full", min_exits=1)
+        fit = simulate(data, th, mode="full")
+        assert fit["agreement"] >= target - 1e-9
+        for j, t in th.items():  # exits at layer j, on their own, meet the target
+            assert j in (1, 2) and t >= 0.0
+    # round trip, and the decoder only checks the calibrated layers
+    save_thresholds(tmp_path / "t.json", {2: 0.25}, target=0.9)
+    th = load_thresholds(tmp_path / "t.json")
+    assert th == {2: 0.25}
+    res = generate(adapter, lens, prompt(), 8, lam=0.0, layer_thresholds=th, stop_tokens=())
+    assert res.settings["exit_layers"] == [2] and set(res.exit_layers) <= {2, L}
+    # a threshold no confidence can pass: nothing exits, the model's own decoding
+    never = generate(adapter, lens, prompt(), 8, lam=0.0, layer_thresholds={1: 1.0, 2: 1.0},
+                     stop_tokens=())
+    ref = generate(adapter, None, prompt(), 8, lam=None, stop_tokens=())
+    assert never.tokens == ref.tokens and never.exit_rate == 0.0
+    with pytest.raises(ConfigError, match="outside"):
+        generate(adapter, lens, prompt(), 4, lam=0.5, layer_thresholds={5: 0.5})
+    with pytest.raises(ConfigError, match="thresholds"):
+        load_thresholds(tmp_path / "missing.json")
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_fused_kv_propagation_equals_per_block(family):
     from transformers import DynamicCache

@@ -43,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patience", type=int, default=0,
                    help="also require the same lens top-1 at this and the previous N checks "
                         "before exiting (0: the plain CALM rule)")
+    p.add_argument("--thresholds", default=None,
+                   help="per-layer exit thresholds (JSON from python -m "
+                        "lensforge.early_exit.calibrate): only those layers are checked, and a "
+                        "token exits at j iff confidence > max(t_j, CALM threshold)")
     p.add_argument("--max-new-tokens", type=positive, default=64, help="tokens to generate")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
@@ -70,6 +74,11 @@ def run_generate(args: argparse.Namespace) -> int:
     lam = parse_lambda(args.lam)
     if lam is not None and not args.lens:
         raise ConfigError("--lens is required for early exit (or pass --lambda off)")
+    thresholds = None
+    if args.thresholds:
+        from lensforge.early_exit.calibrate import load_thresholds
+
+        thresholds = load_thresholds(args.thresholds)
     adapter = load_model_from_args(args)
     lens = load_lens(args.lens, adapter, allow_mismatch=args.allow_mismatch) if args.lens else None
     tok = adapter.tokenizer
@@ -85,6 +94,7 @@ def run_generate(args: argparse.Namespace) -> int:
                       exit_layers=args.exit_layers,
                       min_layer=args.min_layer, check=args.check,
                       screen_static=args.screen_static, patience=args.patience,
+                      layer_thresholds=thresholds,
                       do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
                       seed=args.seed)
     stats = result.summary()

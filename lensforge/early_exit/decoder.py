@@ -19,7 +19,7 @@ Batch size 1 (exit decisions are per token). Supported families: see SUPPORTED_F
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -269,6 +269,7 @@ def generate(
     check: str = "full",
     screen_static: int = 1024,
     patience: int = 0,
+    layer_thresholds: Mapping[int, float] | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -315,6 +316,13 @@ def generate(
         # Shapes must match; the unembedding hash was checked by load_lens / bind.
         check_compatible(lens.config, adapter, allow_mismatch=True)
     checks = set(_exit_layer_set(L, exit_layers, exit_every, min_layer))
+    per_layer: dict[int, float] = {}
+    if layer_thresholds is not None:
+        per_layer = {int(j): float(t) for j, t in layer_thresholds.items()}
+        bad = [j for j in per_layer if not 1 <= j < L]
+        if bad:
+            raise ConfigError(f"layer_thresholds names layers outside 1..{L - 1}: {bad}")
+        checks &= set(per_layer)
     if force_exit_layer is not None:
         if not 1 <= force_exit_layer < L:
             raise ConfigError(f"force_exit_layer must be in 1..{L - 1}, got {force_exit_layer}")
@@ -366,7 +374,7 @@ def generate(
             h = layers[j](h, attention_mask=None, position_ids=position_ids,
                           past_key_values=cache, use_cache=True, position_embeddings=(cos, sin))
             if j + 1 in checks:
-                result = checker(h[0, 0], j + 1, threshold)
+                result = checker(h[0, 0], j + 1, max(threshold, per_layer.get(j + 1, threshold)))
                 n_checks += 1
                 n_full += result.full
                 streak = streak + 1 if result.top1 == prev_top else 0
@@ -393,6 +401,7 @@ def generate(
                 "check": getattr(checker, "name", None),
                 "screen_static": screen_static if check in ("screened", "shortlist") else None,
                 "patience": patience,
+                "layer_thresholds": per_layer or None,
                 "do_sample": do_sample, "N": N}
     result_obj = GenerationResult(
         prompt_ids=ids[0].tolist(), tokens=tokens, exit_layers=exits, n_layers=L,
