@@ -30,13 +30,19 @@ from lensforge.early_exit.calibrate import load_thresholds  # noqa: E402
 from lensforge.lenses import load_lens  # noqa: E402
 from lensforge.models import load_model  # noqa: E402
 
-# (label, generate kwargs); "off" is the reference decoder with exits switched off.
+# (label, generate kwargs); "off" is the reference decoder with exits switched off. A config
+# may name its own "lens" folder and a "thresholds" file (lensforge.early_exit.calibrate).
+# The docs/benchmarks.md run used these with --prompts 8 --new-tokens 48 --threads 1, the
+# make-run lens as --lens, and (as --configs files) the calibrated and chat-lens variants:
+#   python -m lensforge.early_exit.calibrate --lens LENS --out runs/ee_thresholds/th.json \
+#       --target 0.75 0.8 0.9 --threads 1
 CONFIGS: list[tuple[str, dict]] = [
     ("off", {"lam": None}),
-    ("λ=0.9 full check, every 4th", {"lam": 0.9, "exit_every": 4}),
     ("λ=0.9 screened, every 2nd", {"lam": 0.9, "check": "screened", "exit_every": 2}),
-    ("λ=0.8 screened, every 2nd", {"lam": 0.8, "check": "screened", "exit_every": 2}),
-    ("λ=0.6 screened, every 2nd", {"lam": 0.6, "check": "screened", "exit_every": 2}),
+    ("λ=0.9 shortlist, every 2nd", {"lam": 0.9, "check": "shortlist", "exit_every": 2}),
+    ("λ=0.8 shortlist, every 2nd", {"lam": 0.8, "check": "shortlist", "exit_every": 2}),
+    ("λ=1.0 shortlist, 22..28/2", {"lam": 1.0, "check": "shortlist",
+                                   "exit_layers": [22, 24, 26, 28]}),
 ]
 
 
