@@ -173,3 +173,11 @@ def test_existing_checkpoint_needs_resume(tiny_with_tokenizer, tmp_path):
         train(_cfg(tmp_path, corpus, tokens=128), adapter, progress=False)
     with pytest.raises(ConfigError, match="changed"):
         train(_cfg(tmp_path, corpus, tokens=128, lr=0.5), adapter, resume=True, progress=False)
+
+
+def test_budget_below_one_step_is_an_error(tiny_with_tokenizer, tmp_path) -> None:
+    """--tokens smaller than one optimizer step used to train zero steps silently."""
+    adapter, corpus = tiny_with_tokenizer
+    with pytest.raises(ConfigError, match="less than one optimizer step"):
+        train(_cfg(tmp_path, corpus, tokens=32, tokens_per_step=64), adapter, progress=False)
+    assert not (tmp_path / "run" / "lenses").exists()

@@ -113,8 +113,15 @@ class StepPlan:
                 "lower --batch-size or raise --tokens-per-step"
             )
         accumulation = max(1, cfg.tokens_per_step // global_micro)
+        per_step = accumulation * global_micro
+        if 0 < cfg.tokens < per_step:
+            raise ConfigError(
+                f"--tokens {cfg.tokens} is less than one optimizer step ({per_step} tokens: "
+                f"--tokens-per-step {cfg.tokens_per_step} over {world} rank(s)), so no KL "
+                "step would run; lower --tokens-per-step or raise --tokens (0 = closed form only)"
+            )
         return cls(accumulation=accumulation,
-                   total_steps=cfg.tokens // (accumulation * global_micro),
+                   total_steps=cfg.tokens // per_step,
                    init_batches=max(1, math.ceil(cfg.init_tokens / global_micro)))
 
 
