@@ -192,25 +192,27 @@ def plot_layer_curves(
             if label not in labels:
                 handles.append(h)
                 labels.append(label)
+    # As many legend columns as the figure's width holds (~1.4 inch per entry).
+    per_row = max(1, min(5, int(5.2 * ncols / 1.4)))
     if handles:
         fig.legend(
             handles,
             labels,
             loc="lower center",
-            ncol=min(len(labels), 5),
+            ncol=min(len(labels), per_row),
             fontsize=11,
             frameon=False,
             bbox_to_anchor=(0.5, 0.0),
         )
     if title:
         fig.suptitle(title, fontsize=14)
-    legend_rows = math.ceil(len(labels) / 5) if handles else 0
+    legend_rows = math.ceil(len(labels) / per_row) if handles else 0
     fig_height = 3.8 * nrows
     # Reserve ~0.3 inch per legend row below the panels, independent of figure height.
     fig.tight_layout(rect=(0, 0.3 * legend_rows / fig_height, 1, 1))
 
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150)
+    fig.savefig(out, dpi=150, bbox_inches="tight")
     plt.close(fig)
     return out
