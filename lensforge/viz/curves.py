@@ -216,3 +216,56 @@ def plot_layer_curves(
     fig.savefig(out, dpi=150, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+# ------------------------------------------------------------------- training panel
+def training_kl_series(history: Sequence[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """Per lens, (steps, KL) from train_history.json's records: each record's `kl_mean`
+    maps lens name -> that step's KL averaged over layers (nats). Records without it (or
+    with a non-number for a lens) are skipped for that lens."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for i, record in enumerate(history):
+        kl = record.get("kl_mean") if isinstance(record, dict) else None
+        if not isinstance(kl, dict):
+            continue
+        step = record.get("step", i + 1)
+        for lens, value in kl.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                    math.isfinite(value):
+                steps, values = series.setdefault(str(lens), ([], []))
+                steps.append(int(step))
+                values.append(float(value))
+    return series
+
+
+def plot_training_kl(
+    history: Sequence[dict], path: str | os.PathLike
+) -> dict[str, tuple[list[int], list[float]]]:
+    """Save the training panel: per-step KL (mean over layers) with one line per lens.
+
+    Returns what was drawn, read back from the plotted lines ({} and no file when the
+    history holds no per-step KL), so callers and tests see the exact series.
+    """
+    series = training_kl_series(history)
+    if not series:
+        return {}
+    colors = lens_colors(series)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for lens, (steps, values) in series.items():
+        ax.plot(steps, values, color=colors[lens], label=lens, linewidth=1.8, marker="o",
+                markersize=3 if max(len(s) for s, _ in series.values()) <= 60 else 0)
+    if _positive_span_decades(v for _, v in series.values()) > 2:
+        ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training KL, mean over layers [nats]")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    drawn = {line.get_label(): ([int(x) for x in line.get_xdata()],
+                                [float(y) for y in line.get_ydata()]) for line in ax.lines}
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return drawn

@@ -2,7 +2,7 @@
 
 Reads what the run wrote (summary.json, metrics.json, raf.json, train/train_history.json,
 train/lenses/*) and renders: per-layer curves of every metric for every lens, a table of
-means and RAF, the training loss, trajectory grids of a few held-out samples (this needs the
+means and RAF, the per-step training KL of each lens, trajectory grids of a few held-out samples (this needs the
 model, so it is optional), the configuration and the timings. Images are embedded as
 base64 data URIs; the grid script is inlined; the page makes no network request.
 """
@@ -53,7 +53,7 @@ def write_run_report(
     if metrics:
         sections.append(_metrics_section(metrics, raf, model_id))
     if history and history.get("history"):
-        sections.append(_history_section(history["history"]))
+        sections.append(training_panel(history["history"])[0])
     has_widgets = False
     if samples > 0:
         html_samples, has_widgets = _samples_section(run_dir, summary, samples, sample_tokens,
@@ -105,32 +105,22 @@ def _metrics_section(metrics: dict, raf: dict | None, model_id: str) -> str:
     return "\n".join(parts)
 
 
-def _history_section(history: list[dict]) -> str:
-    import matplotlib
+def training_panel(history: list[dict]) -> tuple[str, dict[str, tuple[list[int], list[float]]]]:
+    """The "Training" section: per-step KL (mean over layers) per lens from the records'
+    `kl_mean`, and the series drawn (lens -> (steps, KL)), for checks against the JSON."""
+    from lensforge.viz.curves import plot_training_kl
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in history[0] if k not in ("step", "tokens", "lr", "time_s", "elapsed_s")
-            and all(is_finite_number(h.get(k)) for h in history)]
-    if not keys:
-        return ""
-    steps = [h.get("step", i) for i, h in enumerate(history)]
-    fig, ax = plt.subplots(figsize=(7, 3.4))
-    for key in keys:
-        ax.plot(steps, [h[key] for h in history], marker="o", markersize=3, label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (KL, nats)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, frameon=False)
-    ax.spines[["top", "right"]].set_visible(False)
-    fig.tight_layout()
+    head = "<h2>Training</h2>"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "history.png"
-        fig.savefig(path, dpi=130)
-        plt.close(fig)
+        drawn = plot_training_kl(history, path)
+        if not drawn:
+            return head + ('<p class="lf-warn">train_history.json records no per-step KL '
+                           '(<code>kl_mean</code>).</p>'), {}
         uri = image_data_uri(path)
-    return f'<h2>Training</h2><img class="lf-fig" alt="training loss" src="{uri}">'
+    note = ("<p>KL(final layer ‖ lens) per optimizer step, averaged over layers and the "
+            "step's tokens, one line per lens (nats).</p>")
+    return head + note + f'<img class="lf-fig" alt="training KL per step" src="{uri}">', drawn
 
 
 def _samples_section(run_dir: Path, summary: dict | None, n: int, tokens: int,
