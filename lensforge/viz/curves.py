@@ -15,6 +15,7 @@ matplotlib.use("Agg")  # headless: never needs a display
 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 LOGIT_COLOR = "#7f7f7f"
 TUNED_COLOR = "#1f77b4"
@@ -257,6 +258,7 @@ def plot_training_kl(
     if _positive_span_decades(v for _, v in series.values()) > 2:
         ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_ylabel("training KL, mean over layers [nats]")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, frameon=False)
