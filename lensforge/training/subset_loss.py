@@ -1,0 +1,224 @@
+"""Sparse ("subset") KL training loss: the target's top-k tokens plus a sampled tail.
+
+A drop-in for `fast_loss.fused_kl_loss_backward` (same arguments, same return value,
+same gradient accumulation) that never does V-wide work per lens row. For each lens
+row r (a layer of a lens) and token t, with target p_t and lens logits z = quirks(x W_Uᵀ+b):
+
+    KL(p_t || softmax(z)) = Σ_v p log p  -  Σ_v p z  +  log Z,   Z = Σ_v e^{z_v}
+
+* Σ_v p log p (the target's negative entropy): exact, from the one V-wide target pass
+  per token chunk that all layers and lenses share.
+* Σ_v p z: exact without a soft-cap, as s·(x·(p W_U) + p·b) with p W_U [C, H] computed
+  once per chunk. With a soft-cap (logits no longer linear in x) it is the exact sum
+  over the head S_t plus an unbiased importance-sampled estimate over the tail.
+* log Z: Z = Σ_{v∈S_t} e^{z_v} (exact, S_t = the target's top-k tokens of token t)
+  + an importance-sampled estimate of the tail Σ_{v∉S_t} e^{z_v} from m ids drawn
+  (with replacement) from a proposal ρ shared by the chunk's tokens:
+  ρ = (1-α)·(chunk-summed target tail probabilities, normalized) + α·uniform. A drawn
+  id that is in S_t counts zero for token t, so Ẑ_t is unbiased for Z_t.
+
+Cost per lens row: a batched [1, H] x [H, k] product per token (each token's own head
+rows of W_U, gathered once per chunk) and one [rows, H] x [H, m] GEMM for the shared
+tail, forward and backward (by autograd): ~2H(k+m) multiply-adds instead of 2HV.
+
+Bias (stated plainly; the held-out KL is always measured exactly, never with this):
+* log Ẑ is the log of an unbiased estimate, so E[log Ẑ] <= log Z (Jensen): the loss
+  is biased low, by about Var(Ẑ)/(2Z²) — small when the lens puts little mass outside
+  the target's top-k or the proposal matches it, large for a lens far from the target
+  (early layers, early training).
+* Its gradient, e^{z_v}/Ẑ per sampled logit, is a self-normalized importance-sampling
+  estimate of softmax(z): consistent but biased at finite m (O(1/m)).
+* Without a soft-cap the cross term Σ p z and its gradient are exact; with one the
+  tail part of it is unbiased (it is linear in the sampled terms) but noisy.
+* With k >= V the loss is exact (no tail) and matches the fused loss to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from lensforge.errors import NonFiniteError
+from lensforge.lenses.base import Lens
+from lensforge.training import fast_loss
+
+DEFAULT_K = 128
+DEFAULT_TAIL_SAMPLES = 256
+DEFAULT_UNIFORM_MIX = 0.5
+
+_WORKSPACE = fast_loss.Workspace()
+
+
+class ChunkTarget:
+    """The target side of one token chunk, shared by every layer and lens.
+
+    head_idx [C, k] ids of the target's top-k; head_p [C, k] their probabilities;
+    neg_entropy [C]; p_w [C, H] = p W_U and p_b [C] = p·b (None with a soft-cap); tail_idx [m] sampled ids;
+    tail_logw [C, m] log importance weight of each sample for each token (-inf where the
+    id is in that token's head); tail_p [C, m] target probabilities of the samples.
+    """
+
+    def __init__(self, final_h: Tensor, unembed: torch.nn.Module, weight: Tensor,
+                 bias: Tensor | None, k: int, tail_samples: int, uniform_mix: float,
+                 generator: torch.Generator | None, workspace: fast_loss.Workspace) -> None:
+        scale, softcap = fast_loss._quirks(unembed)
+        with torch.no_grad():
+            x = unembed.norm(final_h.to(unembed.weight.dtype)).to(weight.dtype)
+            C, V = x.shape[0], weight.shape[0]
+            logp = fast_loss._logits(x, weight, bias, scale, softcap,
+                                     out=workspace.get("z", C, V, x.device))
+            logp.sub_(torch.logsumexp(logp, -1, keepdim=True))
+            p = torch.exp(logp, out=workspace.get("p", C, V, x.device))
+            self.neg_entropy = torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).view(C)
+            head_logp, self.head_idx = torch.topk(logp, min(k, V), dim=-1)
+            self.head_p = head_logp.exp()
+            self.p_w: Tensor | None = None
+            self.p_b: Tensor | None = None
+            if softcap is None:
+                # bf16 matmul when the loss runs in bf16: no fp32 copy of W_U per chunk.
+                self.p_w = (p.to(weight.dtype) @ weight).float()
+                if bias is not None:
+                    self.p_b = p @ bias.float()
+            self.tail_idx = self.tail_logw = self.tail_p = None
+            if k < V and tail_samples > 0:
+                self._sample_tail(p, V, tail_samples, uniform_mix, generator)
+
+    def _sample_tail(self, p: Tensor, V: int, m: int, uniform_mix: float,
+                     generator: torch.Generator | None) -> None:
+        # Target tail mass per id, summed over the chunk's tokens (head entries removed).
+        tail = p.sum(0)
+        tail.index_add_(0, self.head_idx.flatten(), -self.head_p.flatten()).clamp_min_(0)
+        total = float(tail.sum())
+        rho = torch.full_like(tail, 1.0 / V)
+        if total > 0:
+            rho.mul_(uniform_mix).add_(tail, alpha=(1.0 - uniform_mix) / total)
+        gen_device = generator.device if generator is not None else p.device
+        idx = torch.multinomial(rho.to(gen_device), m, replacement=True,
+                                generator=generator).to(p.device)
+        in_head = (self.head_idx[:, :, None] == idx[None, None, :]).any(1)  # [C, m]
+        logw = (-(rho[idx] * m).log()).expand_as(in_head)
+        self.tail_idx = idx
+        self.tail_logw = logw.masked_fill(in_head, -math.inf)
+        self.tail_p = p[:, idx]
+
+
+def _quirked(z: Tensor, bias: Tensor | None, scale: float, softcap: float | None) -> Tensor:
+    """fp32 logits with bias, scale and soft-cap applied (autograd-friendly, not in place)."""
+    z = z.float()
+    if bias is not None:
+        z = z + bias
+    if scale != 1.0:
+        z = z * scale
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    return z
+
+
+def subset_kl(x: Tensor, target: ChunkTarget, weight: Tensor, bias: Tensor | None,
+              scale: float, softcap: float | None) -> Tensor:
+    """Estimated KL(p || q) per row: x [R, C, H] normed states -> [R, C] fp32 (autograd)."""
+    R, C, H = x.shape
+    k = target.head_idx.shape[1]
+    xc = x.to(weight.dtype)
+    w_head = weight.index_select(0, target.head_idx.flatten()).view(C, k, H)
+    b_head = None if bias is None else bias.float()[target.head_idx]  # [C, k]
+    # Each token against its own head rows: [C, R, H] x [C, H, k] -> [C, R, k].
+    z_head = torch.bmm(xc.transpose(0, 1), w_head.transpose(1, 2)).transpose(0, 1)
+    z_head = _quirked(z_head, b_head, scale, softcap)  # [R, C, k]
+    parts = [z_head]
+    z_tail = None
+    if target.tail_idx is not None:
+        w_tail = weight.index_select(0, target.tail_idx)  # [m, H]
+        b_tail = None if bias is None else bias.float()[target.tail_idx]
+        z_tail = _quirked((xc.reshape(R * C, H) @ w_tail.T).view(R, C, -1), b_tail, scale,
+                          softcap)
+        parts.append(z_tail + target.tail_logw)
+    log_z = torch.logsumexp(torch.cat(parts, -1), -1)  # [R, C]
+    if target.p_w is not None:
+        pz = (x.float() * target.p_w).sum(-1)
+        if target.p_b is not None:
+            pz = pz + target.p_b
+        pz = pz * scale
+    else:
+        pz = (z_head * target.head_p).sum(-1)
+        if z_tail is not None:
+            pz = pz + (z_tail * (target.tail_p * target.tail_logw.exp())).sum(-1)
+    return target.neg_entropy - pz + log_z
+
+
+def subset_kl_loss_backward(
+    lenses: Mapping[str, Lens],
+    hs: Tensor,
+    final_h: Tensor,
+    unembed: torch.nn.Module,
+    *,
+    scale: float = 1.0,
+    token_chunk: int = 2048,
+    backward: bool = True,
+    compute_dtype: torch.dtype | str | None = None,
+    k: int = DEFAULT_K,
+    tail_samples: int = DEFAULT_TAIL_SAMPLES,
+    uniform_mix: float = DEFAULT_UNIFORM_MIX,
+    generator: torch.Generator | None = None,
+    block_bytes: int | None = None,
+    workspace: fast_loss.Workspace | None = None,
+) -> dict[str, Tensor]:
+    """Drop-in for `fast_loss.fused_kl_loss_backward` with the subset KL estimate.
+
+    Accumulates gradients of mean-over-tokens, sum-over-layers estimated KL for each lens;
+    returns per-lens per-layer mean estimated KL [L] (fp32, nats). hs: [L, N, H];
+    final_h: [N, H] pre-norm final residual. `k`: target top-k tokens per token (k >= V
+    is the exact loss); `tail_samples`: m tail ids drawn per token chunk (needed when
+    k < V); `uniform_mix`: α, the uniform share of the tail proposal; `generator`: seeds
+    the tail draws (same seed, same loss and gradients). See the module docstring for
+    the estimator and its bias.
+    """
+    L, N, H = hs.shape
+    names = list(lenses)
+    if not names:
+        return {}
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not 0.0 < uniform_mix <= 1.0:
+        # α > 0 keeps every tail id drawable, which unbiasedness of Ẑ needs.
+        raise ValueError(f"uniform_mix must be in (0, 1], got {uniform_mix}")
+    dtype = fast_loss.compute_dtype_for(unembed, compute_dtype)
+    weight = fast_loss.unembed_weight(unembed, dtype)
+    bias = None if unembed.bias is None else unembed.bias.detach()
+    scale_logit, softcap = fast_loss._quirks(unembed)
+    V = weight.shape[0]
+    if k < V and tail_samples < 1:
+        # Without a tail, log Σ_head e^z under-counts Z and the lens could lower the
+        # "loss" by moving mass off the head: refuse rather than train on that.
+        raise ValueError("tail_samples must be >= 1 when k < vocabulary size")
+    if block_bytes is None:
+        block_bytes = fast_loss.DEFAULT_BLOCK_BYTES.get(
+            hs.device.type, fast_loss.DEFAULT_BLOCK_BYTES["cuda"])
+    # The target pass holds two [chunk, V] fp32 buffers; nothing per lens row is V-wide.
+    chunk = max(1, min(token_chunk, N, block_bytes // (V * 4)))
+    model_dtype = unembed.weight.dtype
+    totals = torch.zeros(len(names), L, dtype=torch.float64)
+    ws = workspace if workspace is not None else _WORKSPACE
+    for start in range(0, N, chunk):
+        sl = slice(start, min(N, start + chunk))
+        target = ChunkTarget(final_h[sl], unembed, weight, bias, k, tail_samples, uniform_mix,
+                             generator, ws)
+        h = hs[:, sl].float()
+        with torch.set_grad_enabled(backward and torch.is_grad_enabled()):
+            states = torch.cat([lenses[n].transform_all(h) for n in names])  # [nL*L, C, H]
+            normed = unembed.norm(states.to(model_dtype))
+            kl = subset_kl(normed, target, weight, bias, scale_logit, softcap)
+            per_layer = kl.view(len(names), L, -1).sum(-1)  # [nL, L]
+            if not torch.isfinite(per_layer).all():
+                bad = torch.nonzero(~torch.isfinite(per_layer))[0].tolist()
+                raise NonFiniteError(
+                    f"non-finite loss at layer {bad[1]} of lens '{names[bad[0]]}'; lower the "
+                    "learning rate or use --dtype float32"
+                )
+            if per_layer.requires_grad:
+                (per_layer.sum() * (scale / N)).backward()
+        totals += per_layer.detach().double().cpu()
+    return {name: (totals[i] / N).float() for i, name in enumerate(names)}
