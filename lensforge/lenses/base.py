@@ -38,8 +38,45 @@ class LensConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> LensConfig:
+        """Build from a saved config; unknown keys are ignored (newer versions may add some).
+
+        Every known field is type-checked, since the dict usually comes from a file on disk:
+        a bad value is a ConfigError naming the field, never a TypeError later on.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"a lens config must be a JSON object, got {type(data).__name__}")
+        for key in ("lens_type", "n_layers", "hidden_size"):
+            if key not in data:
+                raise ConfigError(f"lens config lacks '{key}'")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for key, value in known.items():
+            ok, want = _FIELD_CHECKS[key]
+            if not ok(value):
+                raise ConfigError(f"lens config field '{key}' must be {want}, got {value!r:.60}")
         return cls(**known)
+
+
+def _is_int(v: object, low: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _opt(check):  # noqa: ANN001, ANN202 — tiny local combinator
+    return lambda v: v is None or check(v)
+
+
+_FIELD_CHECKS = {
+    "lens_type": (lambda v: isinstance(v, str), "a string"),
+    "n_layers": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "hidden_size": (lambda v: _is_int(v, 1), "an integer >= 1"),
+    "vocab_size": (_opt(lambda v: _is_int(v, 1)), "an integer >= 1 or null"),
+    "rank": (_opt(lambda v: _is_int(v, 1)), "an integer >= 1 or null"),
+    "bias": (lambda v: isinstance(v, bool), "true or false"),
+    "model_id": (lambda v: isinstance(v, str), "a string"),
+    "family": (_opt(lambda v: isinstance(v, str)), "a string or null"),
+    "unembed_hash": (_opt(lambda v: isinstance(v, str)), "a string or null"),
+    "lensforge_version": (lambda v: isinstance(v, str), "a string"),
+    "extra": (lambda v: isinstance(v, dict), "an object"),
+}
 
 
 class Lens(nn.Module):
