@@ -27,8 +27,22 @@ def machine_description() -> str:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), {gpu}")
+    return (f"{cpu} ({bf16_flags()}), {os.cpu_count()} cores visible, torch "
+            f"{torch.__version__} ({torch.get_num_threads()} threads), {gpu}")
+
+
+def bf16_flags() -> str:
+    """The CPU's bf16 matmul flags, e.g. "avx512_bf16" or "no bf16 hardware"."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "bf16 flags unknown"
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+    have = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return "+".join(have) if have else "no bf16 hardware"
 
 
 def update_section(name: str, markdown: str, page: Path = PAGE) -> Path:

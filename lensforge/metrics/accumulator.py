@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 from lensforge.metrics._tensor import log_probs
@@ -147,6 +149,48 @@ class LayerMetricAccumulator:
                 ce = -q_lp[valid].gather(-1, row_targets[valid].long().unsqueeze(-1))
                 self._sums["ce"][layer] += ce.double().sum().item()
                 self._target_count[layer] += n_valid
+
+    def add_rows(self, layer0: int, rows: Mapping[str, Tensor], mask: Tensor | None = None) -> None:
+        """Add precomputed per-token metrics for layers layer0 .. layer0 + R - 1.
+
+        rows: "kl", "entropy", "precision@1", "precision@5", "surprisal" and "ce", each
+        [R, C] (CE is NaN where a token has no target); mask: Bool [C], True = count.
+        The fused path (`Readout.metrics`) produces these; sums are taken in fp64.
+        """
+        kl = rows["kl"]
+        R = kl.shape[0]
+        if layer0 < 0 or layer0 + R > self.n_layers:
+            raise IndexError(f"layers {layer0}..{layer0 + R - 1} out of range [0, {self.n_layers})")
+        keep = None if mask is None else mask.to(kl.device).bool()
+        n = kl.shape[1] if keep is None else int(keep.sum().item())
+        if n == 0:
+            return
+        for name in _TOKEN_METRICS:
+            values = rows[name] if keep is None else rows[name][:, keep]
+            sums = values.double().sum(-1).tolist()
+            for i, v in enumerate(sums):
+                self._sums[name][layer0 + i] += v
+        ce = rows["ce"] if keep is None else rows["ce"][:, keep]
+        has = ~torch.isnan(ce)
+        ce_sums = torch.where(has, ce.double(), 0.0).sum(-1).tolist()
+        ce_counts = has.sum(-1).tolist()
+        for i in range(R):
+            self._count[layer0 + i] += n
+            self._sums["ce"][layer0 + i] += ce_sums[i]
+            self._target_count[layer0 + i] += int(ce_counts[i])
+
+    def add_final_rows(self, entropy: Tensor, ce: Tensor, mask: Tensor | None = None) -> None:
+        """Add the model's own entropy [C] and next-token CE [C] (NaN = no target)."""
+        if mask is not None:
+            keep = mask.to(entropy.device).bool()
+            entropy, ce = entropy[keep], ce[keep]
+        if entropy.numel() == 0:
+            return
+        self._model_entropy_sum += entropy.double().sum().item()
+        self._model_count += entropy.numel()
+        has = ~torch.isnan(ce)
+        self._model_ce_sum += torch.where(has, ce.double(), 0.0).sum().item()
+        self._model_target_count += int(has.sum().item())
 
     def update_final(
         self,

@@ -24,6 +24,10 @@ from torch import Tensor
 
 from lensforge.errors import NonFiniteError
 from lensforge.lenses.base import Lens
+from lensforge.lenses.readout import Readout, Workspace, compute_dtype_for, quirks
+
+__all__ = ["UnembedKL", "Workspace", "compute_dtype_for", "fused_kl_loss_backward",
+           "lens_logits_by_layer", "target_stats", "unembed_weight"]
 
 # Bytes of fp32 logits one block may hold. On CPU the block is small (a [128 x 49152]
 # block is 24 MiB): a 128-row matmul already runs at the machine's GEMM rate, and the
@@ -31,67 +35,17 @@ from lensforge.lenses.base import Lens
 DEFAULT_BLOCK_BYTES = {"cpu": 24 * 2**20, "cuda": 2 * 2**30}
 
 
-class Workspace:
-    """Reusable [rows, V] fp32 buffers, so no block allocates fresh logits.
-
-    Fresh 100 MB tensors cost a page fault per 4 KiB on every use (glibc hands them
-    back to the OS on free); reusing one buffer per role avoids that and keeps the
-    loss's resident memory flat. One workspace per thread of use; not thread-safe.
-    """
-
-    def __init__(self) -> None:
-        self._bufs: dict[str, Tensor] = {}
-
-    def get(self, role: str, rows: int, cols: int, device: torch.device) -> Tensor:
-        """A contiguous [rows, cols] fp32 view of the `role` buffer (grown as needed)."""
-        buf = self._bufs.get(role)
-        if buf is None or buf.device != device or buf.shape[1] != cols or buf.shape[0] < rows:
-            self._bufs.pop(role, None)
-            buf = torch.empty(rows, cols, dtype=torch.float32, device=device)
-            self._bufs[role] = buf
-        return buf[:rows]
-
-    def clear(self) -> None:
-        self._bufs.clear()
-
-
-_WORKSPACE = Workspace()
-
-
-def compute_dtype_for(unembed: torch.nn.Module, requested: torch.dtype | str | None = None
-                      ) -> torch.dtype:
-    """Matmul dtype: `requested`, else the model's dtype on GPU and fp32 on CPU.
-
-    CPUs without bf16 units run bf16 matmuls 2-3x slower than fp32 (measured here), and
-    fp32 is also the more accurate choice; GPUs want bf16 tensor cores.
-    """
-    if isinstance(requested, str):
-        requested = None if requested == "auto" else getattr(torch, requested)
-    if requested is not None:
-        return requested
-    weight = unembed.weight
-    if weight.device.type == "cpu":
-        return torch.float32
-    return weight.dtype
-
-
-_WEIGHT_CACHE: dict[tuple, Tensor] = {}
-
-
-def unembed_weight(unembed: torch.nn.Module, dtype: torch.dtype) -> Tensor:
-    """W_U [V, H] in `dtype`; a converted copy is cached (keyed on storage and version)."""
+def unembed_weight(unembed: torch.nn.Module, dtype: torch.dtype,
+                   readout: Readout | None = None) -> Tensor:
+    """W_U [V, H] in `dtype`: the readout's cached copy when it has that dtype, else a
+    converted copy (no conversion in the default policy, where dtype = model dtype)."""
+    if readout is not None and readout.dtype == dtype:
+        return readout.weight
     w = unembed.weight.detach()
-    if w.dtype == dtype:
-        return w
-    key = (w.data_ptr(), w._version, tuple(w.shape), dtype, w.device)
-    if key not in _WEIGHT_CACHE:
-        _WEIGHT_CACHE.clear()  # one model at a time; do not pin old copies
-        _WEIGHT_CACHE[key] = w.to(dtype).contiguous()
-    return _WEIGHT_CACHE[key]
+    return w if w.dtype == dtype else w.to(dtype).contiguous()
 
 
-def _quirks(unembed: torch.nn.Module) -> tuple[float, float | None]:
-    return float(getattr(unembed, "logit_scale", 1.0)), getattr(unembed, "softcap", None)
+_quirks = quirks
 
 
 def target_stats(final_h: Tensor, unembed: torch.nn.Module, weight: Tensor,
@@ -112,7 +66,7 @@ def target_stats(final_h: Tensor, unembed: torch.nn.Module, weight: Tensor,
         if workspace is not None:
             z_out = workspace.get("z", C, V, x.device)
             p = workspace.get("p", C, V, x.device)
-        z = _logits(x, weight, bias, *_quirks(unembed), out=z_out)
+        z = _logits(x, weight, bias, *_quirks(unembed), out=z_out, workspace=workspace)
         z.sub_(z.amax(-1, keepdim=True))  # z - max
         p = torch.exp(z, out=p)
         log_s = p.sum(-1).log_()
@@ -124,13 +78,19 @@ def target_stats(final_h: Tensor, unembed: torch.nn.Module, weight: Tensor,
 
 
 def _logits(x: Tensor, weight: Tensor, bias: Tensor | None, scale: float,
-            softcap: float | None, out: Tensor | None = None) -> Tensor:
+            softcap: float | None, out: Tensor | None = None,
+            workspace: Workspace | None = None) -> Tensor:
     """x [M, H] (already normed, compute dtype) -> fp32 logits [M, V] with quirks applied.
 
-    `out`: an fp32 [M, V] buffer to write into (used directly when the matmul is fp32).
+    `out`: an fp32 [M, V] buffer to write into. A low-precision matmul writes its
+    [M, V] result into the workspace's "z_low" buffer first (CPU GEMMs cannot write
+    fp32 from bf16 inputs), so no block allocates.
     """
     if out is not None and x.dtype == torch.float32 and weight.dtype == torch.float32:
         z = torch.mm(x, weight.T, out=out)
+    elif out is not None and workspace is not None:
+        low = workspace.get("z_low", x.shape[0], weight.shape[0], x.device, weight.dtype)
+        z = out.copy_(torch.mm(x, weight.T, out=low))
     elif out is not None:
         z = out.copy_(x @ weight.T)
     else:
@@ -164,7 +124,8 @@ class UnembedKL(torch.autograd.Function):
             r1 = min(R, r0 + rows_per_block)
             xb = x[r0:r1].reshape(-1, H).to(weight.dtype)
             out = None if workspace is None else workspace.get("z", xb.shape[0], V, x.device)
-            z = _logits(xb, weight, bias, scale, softcap, out=out).view(r1 - r0, C, -1)
+            z = _logits(xb, weight, bias, scale, softcap, out=out, workspace=workspace).view(
+                r1 - r0, C, -1)
             if p_w is not None:
                 # Σ_v p z without another pass over [rows, V]: p·(s(x W_Uᵀ + b)).
                 pz = (xb.float().view(r1 - r0, C, H) * p_w).sum(-1)
@@ -191,7 +152,12 @@ class UnembedKL(torch.autograd.Function):
                 if weight.dtype == torch.float32:
                     torch.mm(g, weight, out=grad[r0:r1].view(-1, H))
                 else:
-                    grad[r0:r1] = (g.to(weight.dtype) @ weight).view(r1 - r0, C, H).float()
+                    if workspace is None:
+                        g_low = g.to(weight.dtype)
+                    else:
+                        g_low = workspace.get("g_low", g.shape[0], g.shape[1], g.device,
+                                              weight.dtype).copy_(g)
+                    grad[r0:r1] = (g_low @ weight).view(r1 - r0, C, H).float()
             del z, e
         ctx.save_for_backward(grad)
         ctx.x_dtype = x.dtype
@@ -222,20 +188,24 @@ def fused_kl_loss_backward(
     compute_dtype: torch.dtype | str | None = None,
     block_bytes: int | None = None,
     workspace: Workspace | None = None,
+    readout: Readout | None = None,
 ) -> dict[str, Tensor]:
     """Drop-in for `loss.kl_loss_backward`: accumulates gradients of mean-over-tokens,
     sum-over-layers KL for each lens; returns per-lens per-layer mean KL [L] (fp32, nats).
 
     hs: [L, N, H] hidden states entering blocks 0..L-1; final_h: [N, H] pre-norm final
     residual. All lenses and layers of a token chunk go through one UnembedKL call and one
-    backward. `compute_dtype`: matmul dtype (default: fp32 on CPU, model dtype on GPU).
+    backward. `compute_dtype`: matmul dtype (default: the readout policy, i.e. the model
+    dtype, with fp32 for half precision on a CPU without bf16 hardware). `readout`: owns
+    the converted W_U and the reused buffers across calls (the training loop keeps one);
+    without it the buffers live for this call only.
     """
     L, N, H = hs.shape
     names = list(lenses)
     if not names:
         return {}
     dtype = compute_dtype_for(unembed, compute_dtype)
-    weight = unembed_weight(unembed, dtype)
+    weight = unembed_weight(unembed, dtype, readout)
     bias = unembed.bias
     bias = None if bias is None else bias.detach()
     scale_logit, softcap = _quirks(unembed)
@@ -247,7 +217,7 @@ def fused_kl_loss_backward(
     rows = _rows_per_block(chunk, V, block_bytes)
     model_dtype = unembed.weight.dtype
     totals = torch.zeros(len(names), L, dtype=torch.float64)
-    ws = workspace if workspace is not None else _WORKSPACE
+    ws = workspace or (readout.workspace if readout is not None else Workspace())
     for start in range(0, N, chunk):
         sl = slice(start, min(N, start + chunk))
         p, neg_entropy, p_w = target_stats(final_h[sl], unembed, weight, bias, ws)

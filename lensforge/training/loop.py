@@ -23,6 +23,7 @@ from torch import Tensor
 from lensforge.data import PackedTokenStream, iter_documents
 from lensforge.errors import CheckpointError, ConfigError, DataExhaustedError
 from lensforge.lenses import Lens, LowRankLens, TunedLens, load_lens, resolve_rank, save_lens
+from lensforge.lenses.readout import Readout
 from lensforge.models.adapter import ModelAdapter
 from lensforge.storage import atomic_dir, recover_dir
 from lensforge.training.closed_form import MomentAccumulator, closed_form_init
@@ -192,6 +193,7 @@ def train(
                              timings)
 
     t_train = time.perf_counter()
+    readout = Readout(adapter.unembed)  # owns the loss's W_U copy and reused buffers
     bar = _progress(cfg, start_step, progress and is_main, total=plan.total_steps)
     tokens_done = start_step * plan.accumulation * cfg.micro_tokens * world
     for step in range(start_step, plan.total_steps):
@@ -203,9 +205,8 @@ def train(
             batch = _next_batch(rows, cfg, tokens_done)
             hs = adapter.hidden_states(batch)
             layer_h, final_h = split_hidden(hs, adapter.n_layers)
-            loss_fn = fused_kl_loss_backward if cfg.loss == "fused" else kl_loss_backward
-            kls = loss_fn(lenses, layer_h, final_h, adapter.unembed,
-                          scale=1.0 / plan.accumulation, token_chunk=cfg.token_chunk)
+            kls = _loss(cfg, lenses, layer_h, final_h, adapter.unembed, readout,
+                        scale=1.0 / plan.accumulation)
             for name, kl in kls.items():
                 step_kl[name] += kl / plan.accumulation
             tokens_done += batch.numel() * world
@@ -250,6 +251,16 @@ def train(
             {"config": cfg.to_dict(), "history": history, "timings": timings}, indent=2))
     _barrier(dist)  # every rank returns only once rank 0's lenses are on disk
     return TrainResult(lenses=lenses, out=out, history=history, timings=timings)
+
+
+def _loss(cfg: TrainConfig, lenses: dict, layer_h: Tensor, final_h: Tensor,
+          unembed: torch.nn.Module, readout: Readout, *, scale: float) -> dict[str, Tensor]:
+    """One micro-batch of the configured KL loss, gradients accumulated into the lenses."""
+    if cfg.loss == "reference":
+        return kl_loss_backward(lenses, layer_h, final_h, unembed, scale=scale,
+                                token_chunk=cfg.token_chunk)
+    return fused_kl_loss_backward(lenses, layer_h, final_h, unembed, scale=scale,
+                                  token_chunk=cfg.token_chunk, readout=readout)
 
 
 def _next_batch(rows: Iterator[Tensor], cfg: TrainConfig, tokens_done: int) -> Tensor:
