@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from lensforge.errors import DataError, LensforgeError
+from lensforge.storage import atomic_write_text
 from lensforge.viz.html import html_page, image_data_uri, is_finite_number, trajectory_fragment
 
 REPORT_NAME = "report.html"
@@ -62,9 +63,7 @@ def write_run_report(
     sections.append(_config_section(summary, history))
     page = html_page(title, "\n".join(sections), with_script=has_widgets)
     path = Path(out) if out else run_dir / REPORT_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return atomic_write_text(path, page)  # a kill never leaves half a report
 
 
 # ---------------------------------------------------------------- sections
