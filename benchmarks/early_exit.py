@@ -27,6 +27,7 @@ from _report import machine_description, update_section  # noqa: E402
 from lensforge.data import alpaca_instructions, format_chat  # noqa: E402
 from lensforge.early_exit import KVPropagator, generate, make_check, propagated_kv  # noqa: E402
 from lensforge.early_exit.calibrate import load_thresholds  # noqa: E402
+from lensforge.early_exit.families import resolve  # noqa: E402
 from lensforge.lenses import load_lens  # noqa: E402
 from lensforge.models import load_model  # noqa: E402
 
@@ -67,15 +68,16 @@ def check_costs(adapter, lens, repeat: int = 10) -> dict[str, float]:
     model = adapter.model
     ids = adapter.tokenizer("The capital of France is", return_tensors="pt").input_ids
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids, past_key_values=cache, use_cache=True)
+    parts = resolve(adapter)  # the cache keywords of this transformers version
+    model(input_ids=ids, use_cache=True, **{parts.model_cache_kw: cache})
     h = model.get_input_embeddings()(ids[:, -1:])
     pos = torch.tensor([[ids.shape[1]]])
     cos, sin = model.model.rotary_emb(h, pos)
     layer = adapter.layers[10]
 
     def run_layer() -> None:
-        layer(h, attention_mask=None, position_ids=pos, past_key_values=cache, use_cache=True,
-              position_embeddings=(cos, sin))
+        layer(h, attention_mask=None, position_ids=pos, use_cache=True,
+              position_embeddings=(cos, sin), **{parts.layer_cache_kw: cache})
         cache.layers[10].keys = cache.layers[10].keys[:, :, :-1]  # keep the cache length fixed
         cache.layers[10].values = cache.layers[10].values[:, :, :-1]
 

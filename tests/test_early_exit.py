@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 import string
+from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import build_tiny_model, tiny_config
 
 from lensforge.cli.main import main
 from lensforge.early_exit import (
@@ -26,6 +27,34 @@ from lensforge.lenses import LogitLens, LowRankLens, load_lens, save_lens
 from lensforge.models import ModelAdapter
 
 PROMPT_LEN = 7
+DECODER_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def build_model(family: str) -> torch.nn.Module:
+    """The tiny model of `family`; Mistral's with its sliding window off (the early-exit
+    decoder needs full attention), same weights as the conftest one."""
+    model = build_tiny_model(family)
+    if family != "mistral":
+        return model
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("mistral")
+    config.sliding_window = None
+    full = AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                            dtype=torch.float32)
+    full.load_state_dict(model.state_dict())
+    return full.eval()
+
+
+@dataclass
+class ExitAt:
+    """Exit policy for tests: every decode step exits at residual `layer`."""
+
+    layer: int
+    patience: int = 0
+
+    def threshold(self, step: int, layer: int) -> float:
+        return float("-inf") if layer == self.layer else float("inf")
 
 
 def prompt(seed: int = 1) -> torch.Tensor:
@@ -55,9 +84,9 @@ def test_lambda_out_of_range(bad):
 
 
 # ------------------------------------------------------------------ exits off = model
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
 def test_exits_off_equals_model_generate(family):
-    model = build_tiny_model(family)
+    model = build_model(family)
     adapter = ModelAdapter(model, model_id=f"tiny-{family}")
     ids = prompt(3)
     n = 16
@@ -83,16 +112,18 @@ def test_exits_off_stops_at_eos_like_generate():
 
 
 # ------------------------------------------------------------ forced exit: KV content
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
 def test_forced_exit_fills_skipped_kv_from_exit_state(family):
     from transformers import DynamicCache
 
-    model = build_tiny_model(family)
+    from lensforge.early_exit.families import cache_keyword
+
+    model = build_model(family)
     adapter = ModelAdapter(model, model_id=f"tiny-{family}")
     lens = LogitLens.from_model(adapter)
     L, j, n = adapter.n_layers, 1, 6
     ids = prompt(5)
-    result, cache = generate(adapter, lens, ids, n, lam=None, force_exit_layer=j,
+    result, cache = generate(adapter, lens, ids, n, policy=ExitAt(j), exit_layers=[j],
                              stop_tokens=(), return_cache=True)
     assert result.exit_layers == [L] + [j] * (n - 1)
     assert result.n_checks == n - 1
@@ -107,6 +138,7 @@ def test_forced_exit_fills_skipped_kv_from_exit_state(family):
     seq = torch.cat([ids[0], torch.tensor(result.tokens[:-1])])[None]
     h1 = adapter.hidden_states(seq, layers=[j])[0]
     rotary = model.model.rotary_emb
+    attn_cache_kw = cache_keyword(type(adapter.layers[0].self_attn), ())
     for p in range(PROMPT_LEN, total):
         h = h1[:, p : p + 1]
         cos, sin = rotary(h, torch.tensor([[p]]))
@@ -114,7 +146,7 @@ def test_forced_exit_fills_skipped_kv_from_exit_state(family):
             layer = adapter.layers[s]
             direct = DynamicCache(config=model.config)  # the attention module's own k/v path
             layer.self_attn(layer.input_layernorm(h), position_embeddings=(cos, sin),
-                            attention_mask=None, past_key_values=direct)
+                            attention_mask=None, **{attn_cache_kw: direct})
             torch.testing.assert_close(cache.layers[s].keys[:, :, p], direct.layers[s].keys[:, :, 0])
             torch.testing.assert_close(cache.layers[s].values[:, :, p],
                                        direct.layers[s].values[:, :, 0])
@@ -302,13 +334,13 @@ def test_calibrated_thresholds(tmp_path):
         load_thresholds(tmp_path / "missing.json")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
 def test_fused_kv_propagation_equals_per_block(family):
     from transformers import DynamicCache
 
     from lensforge.early_exit import propagated_kv
 
-    model = build_tiny_model(family)
+    model = build_model(family)
     adapter = ModelAdapter(model, model_id=f"tiny-{family}")
     L = adapter.n_layers
     gen = torch.Generator().manual_seed(2)

@@ -1,19 +1,19 @@
 """Early-exit decoding that really skips blocks (CALM with state propagation).
 
-The decode loop is written out over the model's own modules: embedding, rotary
-embedding, each decoder layer, final norm and unembedding, with a transformers
-`DynamicCache`. The prompt is prefilled by the full model. Then, per new token:
+The decode loop drives the model's own modules (which ones, per family: families.py):
+embedding, rotary embedding, each decoder layer, final norm and unembedding, with a
+transformers `DynamicCache`. `EarlyExitDecoder` holds one sequence's state; `prefill`
+runs the full model over the prompt, then each `step()` emits one token:
 
 1. run blocks 0, 1, ... in order; after block j-1, at the exit layers only, apply
    the lens to the residual h_j and compute its confidence Δ (see `confidence.py`);
-2. if Δ passes the CALM rule (`rule.py`), emit the lens's token and stop: blocks
-   j..L-1 are *not* run for this token;
+2. if Δ passes the exit policy (`policy.py`; by default the CALM rule, `rule.py`), emit
+   the lens's token and stop: blocks j..L-1 are *not* run for this token;
 3. for each skipped block s, append a K/V entry for this position computed from the
-   exit state h_j (CALM's state propagation): only block s's input norm, k/v
-   projections (+ per-head k_norm where the family has one) and rotary on k. Later
-   tokens then attend to every layer's cache as usual.
+   exit state h_j (CALM's state propagation, `kv.py`).
 
 Batch size 1 (exit decisions are per token). Supported families: see SUPPORTED_FAMILIES.
+`generate` is the one-call API over it.
 """
 
 from __future__ import annotations
@@ -23,16 +23,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lensforge.early_exit.confidence import CheckResult, make_check
-from lensforge.early_exit.rule import calm_threshold, check_lambda
-from lensforge.errors import ConfigError, ShapeError, UnsupportedModelError
+from lensforge.early_exit.families import SUPPORTED_FAMILIES, ModelParts, resolve
+from lensforge.early_exit.kv import KVPropagator, propagated_kv
+from lensforge.early_exit.policy import CalmPolicy, ExitPolicy
+from lensforge.early_exit.rule import check_lambda
+from lensforge.errors import ConfigError, ShapeError
 from lensforge.lenses import Lens, check_compatible
 
-# Pre-norm decoders with `input_layernorm`, `self_attn.{k,v}_proj`, rotary position
-# embeddings at `model.model.rotary_emb` and full (non-sliding) attention.
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+__all__ = ["SUPPORTED_FAMILIES", "EarlyExitDecoder", "GenerationResult", "KVPropagator",
+           "Sampler", "generate", "propagated_kv"]
 
 
 @dataclass
@@ -85,139 +87,132 @@ class GenerationResult:
             "tokens_per_second": self.tokens_per_second,
         }
 
+@dataclass
+class Sampler:
+    """Greedy (do_sample=False) or seeded temperature / top-k sampling of a token id."""
 
-def _model_parts(adapter: object) -> tuple[nn.Module, nn.Module]:
-    """(embedding, rotary embedding) of a supported model, else UnsupportedModelError."""
-    family = str(adapter.family)
-    supported = ", ".join(SUPPORTED_FAMILIES)
-    if family not in SUPPORTED_FAMILIES:
-        raise UnsupportedModelError(
-            f"early-exit generation does not support the '{family}' family yet "
-            f"(supported: {supported}); it needs each block's K/V projections for CALM's "
-            "state propagation"
-        )
-    config = adapter.config
-    layer_types = getattr(config, "layer_types", None) or []
-    if getattr(config, "sliding_window", None) and (
-        family == "mistral" or "sliding_attention" in layer_types
-    ):
-        raise UnsupportedModelError(
-            f"early-exit generation needs full attention; this {family} model uses sliding-window "
-            f"attention (supported: {supported} without sliding windows)"
-        )
-    inner = getattr(adapter.model, "model", None)
-    rotary = getattr(inner, "rotary_emb", None)
-    layer0 = adapter.layers[0]
-    attn = getattr(layer0, "self_attn", None)
-    if rotary is None or attn is None or not all(
-        hasattr(m, n) for m, n in ((layer0, "input_layernorm"), (attn, "k_proj"), (attn, "v_proj"))
-    ):
-        raise UnsupportedModelError(
-            f"this {family} model lacks model.rotary_emb / input_layernorm / self_attn.k_proj, "
-            f"v_proj (supported: {supported})"
-        )
-    return adapter.model.get_input_embeddings(), rotary
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.do_sample and not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
+        self._gen = torch.Generator(device="cpu").manual_seed(self.seed) if self.do_sample \
+            else None
+
+    def __call__(self, logits: Tensor) -> int:
+        """A token id from logits [V]."""
+        logits = logits.reshape(-1).float()
+        if not self.do_sample:
+            return int(torch.argmax(logits))
+        scaled = logits / self.temperature
+        if self.top_k is not None and self.top_k < scaled.shape[0]:
+            kth = torch.topk(scaled, self.top_k).values[-1]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        return int(torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=self._gen))
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+class EarlyExitDecoder:
+    """One sequence's early-exit decode state: the KV cache, the position, the last token,
+    the tokens and exit layers so far, and the check counters.
 
-
-def propagated_kv(layer: nn.Module, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """K/V a skipped block caches for a token that exited with residual h.
-
-    h: [1, 1, H]; cos/sin: [1, 1, head_dim] -> (k, v), each [1, n_kv_heads, 1, head_dim],
-    rotary applied to k, exactly as the block's attention would store them had its input
-    been h. (The decoder uses the fused `KVPropagator`; this is the per-block reference.)
-    """
-    attn = layer.self_attn
-    x = layer.input_layernorm(h)
-    shape = (*x.shape[:-1], -1, attn.head_dim)
-    k = attn.k_proj(x).view(shape)
-    if hasattr(attn, "k_norm"):  # Qwen3: per-head RMSNorm on k before rotary
-        k = attn.k_norm(k)
-    k = k.transpose(1, 2)
-    v = attn.v_proj(x).view(shape).transpose(1, 2)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return k * cos + _rotate_half(k) * sin, v
-
-
-def _rms_parts(norm: nn.Module) -> tuple[Tensor, float] | None:
-    """(weight, eps) of an RMSNorm computing weight * x * rsqrt(mean(x^2) + eps), else None."""
-    weight = getattr(norm, "weight", None)
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
-    if weight is None or eps is None or "RMSNorm" not in type(norm).__name__:
-        return None
-    if "Gemma" in type(norm).__name__:  # (1 + w) convention
-        return None
-    return weight.detach(), float(eps)
-
-
-class KVPropagator:
-    """CALM state propagation for all skipped blocks at once.
-
-    Block s's cached k/v for an exit state h are W_{k,v}^s · (g_s ⊙ rms(h)) (+ bias), with
-    g_s its input RMSNorm weight. rms(h) is the same for every s, so the norm weights are
-    folded into the projections and the blocks first..L-1 are stacked into one
-    [(L - first) · 2 · d_kv, H] matrix: an exit at j costs one matmul over the rows of
-    blocks j..L-1, one batched (k_norm and) rotary, and the cache appends, instead of
-    ~10 small ops per skipped block. Falls back to `propagated_kv` per block when a
-    block's norm is not a plain RMSNorm.
+    `checks`: residual indices j (1..L-1) where the lens is checked; empty (or no policy)
+    switches exits off, and the decoder is then the model's own decoding. Inputs are
+    expected valid (`generate` checks them); `parts` is `families.resolve(adapter)`.
     """
 
-    def __init__(self, layers: Sequence[nn.Module], first: int) -> None:
-        self.layers, self.first = layers, first
-        attn0 = layers[0].self_attn
-        self.head_dim = attn0.head_dim
-        self.d_kv = attn0.k_proj.weight.shape[0]
-        parts = [_rms_parts(layer.input_layernorm) for layer in layers[first:]]
-        self.fused = bool(parts) and all(p is not None for p in parts) and len(
-            {p[1] for p in parts}) == 1 and all(
-            layer.self_attn.k_proj.weight.shape[0] == self.d_kv for layer in layers[first:])
-        if not self.fused:
-            return
-        self.eps = parts[0][1]
-        rows, biases = [], []
-        for layer, (g, _) in zip(layers[first:], parts, strict=True):
-            attn = layer.self_attn
-            rows.append(torch.cat([attn.k_proj.weight, attn.v_proj.weight]).detach() * g)
-            kb, vb = attn.k_proj.bias, attn.v_proj.bias
-            biases.append(None if kb is None else torch.cat([kb, vb]).detach())
-        self.weight = torch.cat(rows)  # [(L - first) * 2 d_kv, H]
-        self.bias = None if biases[0] is None else torch.cat(biases)
-        k_norms = [getattr(layer.self_attn, "k_norm", None) for layer in layers[first:]]
-        self.k_norm = None
-        if k_norms[0] is not None:
-            kparts = [_rms_parts(n) for n in k_norms]
-            if any(p is None for p in kparts):
-                self.fused = False
-                return
-            self.k_norm = (torch.stack([p[0] for p in kparts])[:, None, :], kparts[0][1])
+    def __init__(self, adapter: object, parts: ModelParts, *, lens: Lens | None = None,
+                 checks: Sequence[int] = (), policy: ExitPolicy | None = None,
+                 check: str = "full", screen_static: int = 1024,
+                 sampler: Sampler | None = None) -> None:
+        self.adapter, self.parts = adapter, parts
+        self.n_layers = len(parts.layers)
+        self.checks = frozenset(checks) if policy is not None else frozenset()
+        self.policy = policy
+        self.sample = sampler or Sampler()
+        self.checker = None
+        self.propagate = None
+        if self.checks:
+            options = {"static": screen_static} if check in ("screened", "shortlist") else {}
+            self.checker = make_check(lens, check, **options)
+            # Fused K/V propagation for the blocks after the first exit layer (a few MB of
+            # weights copied once, before the clock starts).
+            self.propagate = KVPropagator(parts.layers, min(self.checks))
+        self.cache = None
+        self.pos = 0
+        self.tokens: list[int] = []
+        self.exit_layers: list[int] = []
+        self.n_checks = self.n_full_checks = 0
 
-    def __call__(self, cache: object, h: Tensor, start: int, cos: Tensor, sin: Tensor) -> None:
-        """Append K/V of blocks start..L-1 for exit state h [1, 1, H] to `cache`."""
-        L = len(self.layers)
-        if not self.fused or start < self.first:
-            for s in range(start, L):
-                k, v = propagated_kv(self.layers[s], h, cos, sin)
-                cache.update(k, v, s)
-            return
-        x = h.reshape(-1).float()
-        x = (x * torch.rsqrt(x.pow(2).mean() + self.eps)).to(h.dtype)
-        lo = (start - self.first) * 2 * self.d_kv
-        bias = None if self.bias is None else self.bias[lo:]
-        kv = nn.functional.linear(x, self.weight[lo:], bias).view(L - start, 2, -1, self.head_dim)
-        k, v = kv[:, 0], kv[:, 1]  # [n, heads, head_dim]
-        if self.k_norm is not None:
-            w, eps = self.k_norm
-            kf = k.float()
-            k = (kf * torch.rsqrt(kf.pow(2).mean(-1, keepdim=True) + eps)).to(k.dtype) * w[
-                start - self.first:]
-        cos, sin = cos.reshape(1, 1, -1), sin.reshape(1, 1, -1)
-        k = k * cos + _rotate_half(k) * sin
-        for i, s in enumerate(range(start, L)):
-            cache.update(k[i, None, :, None], v[i, None, :, None], s)
+    @property
+    def token(self) -> int:
+        """The last emitted token (the next step's input)."""
+        return self.tokens[-1]
+
+    @torch.no_grad()
+    def prefill(self, ids: Tensor) -> int:
+        """Run the full model over the prompt ids [1, T], filling every layer's cache; emit
+        and return the first new token."""
+        from transformers import DynamicCache
+
+        model = self.adapter.model
+        self.cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, use_cache=True, **{self.parts.model_cache_kw: self.cache})
+        logits = out.logits[0, -1]
+        token = self.sample(logits)
+        if self.checker is not None:
+            self.checker.reset(ids[0].tolist())
+            self.checker.observe(token, logits)
+        self.pos = ids.shape[1]
+        self._emit(token, self.n_layers)
+        return token
+
+    @torch.no_grad()
+    def step(self) -> int:
+        """Decode one token: run blocks until the policy accepts a lens check (then fill the
+        skipped blocks' cache from the exit state) or the last block; return the token."""
+        if self.cache is None:
+            raise RuntimeError("EarlyExitDecoder.step() before prefill()")
+        parts, device = self.parts, self.adapter.device
+        h = parts.embed(torch.tensor([[self.token]], device=device))
+        position_ids = torch.tensor([[self.pos]], device=device)
+        cos, sin = parts.rotary(h, position_ids)
+        kwargs = {"attention_mask": None, "position_ids": position_ids, "use_cache": True,
+                  "position_embeddings": (cos, sin), parts.layer_cache_kw: self.cache}
+        step = len(self.tokens)
+        result: CheckResult | None = None
+        exit_at, prev_top, streak = self.n_layers, -1, 0
+        for j, layer in enumerate(parts.layers):
+            h = layer(h, **kwargs)
+            if j + 1 not in self.checks:
+                continue
+            result = self.checker(h[0, 0], j + 1, self.policy.threshold(step, j + 1))
+            self.n_checks += 1
+            self.n_full_checks += result.full
+            streak = streak + 1 if result.top1 == prev_top else 0
+            prev_top = result.top1
+            if result.exit and streak >= self.policy.patience:
+                exit_at = j + 1
+                break
+        if exit_at < self.n_layers:
+            self.propagate(self.cache, h, exit_at, cos, sin)
+            logits = result.logits
+        else:
+            logits = self.adapter.final_logits(h[0, 0])
+        token = self.sample(logits)
+        if self.checker is not None:
+            self.checker.observe(token, logits)
+        self.pos += 1
+        self._emit(token, exit_at)
+        return token
+
+    def _emit(self, token: int, exit_at: int) -> None:
+        self.tokens.append(token)
+        self.exit_layers.append(exit_at)
 
 
 def _exit_layer_set(n_layers: int, exit_layers: Sequence[int] | None, exit_every: int | None,
@@ -240,19 +235,13 @@ def _exit_layer_set(n_layers: int, exit_layers: Sequence[int] | None, exit_every
     return [j for j in layers if j >= min_layer]
 
 
-def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None,
-          gen: torch.Generator | None) -> int:
-    """Greedy or sampled token id from logits [V]."""
-    logits = logits.reshape(-1).float()
-    if not do_sample:
-        best = int(torch.argmax(logits))
-    else:
-        scaled = logits / temperature
-        if top_k is not None and top_k < scaled.shape[0]:
-            kth = torch.topk(scaled, top_k).values[-1]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        best = int(torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=gen))
-    return best
+def _checked_prompt(prompt_ids: Tensor | Sequence[int], parts: ModelParts) -> Tensor:
+    ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1)
+    if ids.shape[1] == 0:
+        raise ShapeError("the prompt is empty")
+    if int(ids.max()) >= parts.embed.num_embeddings or int(ids.min()) < 0:
+        raise ShapeError("prompt token id out of the model's vocabulary: tokenizer/model mismatch?")
+    return ids
 
 
 @torch.no_grad()
@@ -276,7 +265,7 @@ def generate(
     seed: int = 0,
     avg_input_len: float | None = None,
     stop_tokens: Sequence[int] | None = None,
-    force_exit_layer: int | None = None,
+    policy: ExitPolicy | None = None,
     return_cache: bool = False,
 ) -> GenerationResult | tuple[GenerationResult, object]:
     """Decode with CALM early exit from `lens`.
@@ -290,26 +279,23 @@ def generate(
     decide and pick the exit token (no [1 × V] unembedding on exit; see confidence.py).
     patience=p additionally requires the lens's top-1 to be the same at this check and
     the p checks before it (of the same token) before exiting: a stability condition on
-    top of the CALM rule that trades exits for exit precision (0: the plain CALM rule). avg_input_len: the rule's N
-    (default: this prompt's length).
+    top of the CALM rule that trades exits for exit precision (0: the plain CALM rule).
+    layer_thresholds: calibrated per-layer thresholds t_j; only those layers are checked.
+    avg_input_len: the rule's N (default: this prompt's length).
     stop_tokens: default the model's EOS ids; () never stops early.
-    force_exit_layer: testing hook, every decode step exits at this layer.
+    policy: an `ExitPolicy` used instead of the CALM rule built from lam, layer_thresholds
+    and patience (lam is then ignored); e.g. one that always exits at a fixed layer.
     Returns a GenerationResult (and the DynamicCache when return_cache=True).
     """
-    from transformers import DynamicCache
-
     lam = check_lambda(lam)
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if do_sample and not temperature > 0:
-        raise ConfigError(f"temperature must be > 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    sampler = Sampler(do_sample, temperature, top_k, seed)
     if patience < 0:
         raise ConfigError(f"patience must be >= 0, got {patience}")
-    embed, rotary = _model_parts(adapter)
-    L = adapter.n_layers
-    uses_lens = lam is not None or force_exit_layer is not None
+    parts = resolve(adapter)
+    L = len(parts.layers)
+    uses_lens = lam is not None or policy is not None
     if uses_lens:
         if lens is None:
             raise ConfigError("early exit needs a lens (or lam=None to switch exits off)")
@@ -323,89 +309,40 @@ def generate(
         if bad:
             raise ConfigError(f"layer_thresholds names layers outside 1..{L - 1}: {bad}")
         checks &= set(per_layer)
-    if force_exit_layer is not None:
-        if not 1 <= force_exit_layer < L:
-            raise ConfigError(f"force_exit_layer must be in 1..{L - 1}, got {force_exit_layer}")
-        checks = {force_exit_layer}
-    checker = None
-    if uses_lens:
-        options = {"static": screen_static} if check in ("screened", "shortlist") else {}
-        checker = make_check(lens, check, **options)
-    else:
-        checks = set()
-    # Fused K/V propagation for the blocks after the first exit layer (model preparation,
-    # done once per call before the clock starts: a few MB of weights copied).
-    propagate = KVPropagator(adapter.layers, min(checks)) if checks else None
-
-    ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1)
-    if ids.shape[1] == 0:
-        raise ShapeError("the prompt is empty")
-    if int(ids.max()) >= embed.num_embeddings or int(ids.min()) < 0:
-        raise ShapeError("prompt token id out of the model's vocabulary: tokenizer/model mismatch?")
-    ids = ids.to(adapter.device)
+    ids = _checked_prompt(prompt_ids, parts).to(adapter.device)
     if stop_tokens is None:
         eos = getattr(getattr(adapter.model, "generation_config", None), "eos_token_id", None)
         stop_tokens = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     stop = set(int(t) for t in stop_tokens)
     N = float(avg_input_len) if avg_input_len is not None else float(ids.shape[1])
-    gen = torch.Generator(device="cpu").manual_seed(seed) if do_sample else None
+    if policy is None and lam is not None:
+        policy = CalmPolicy(lam, N, per_layer, patience)
+    decoder = EarlyExitDecoder(adapter, parts, lens=lens, checks=checks if uses_lens else (),
+                               policy=policy, check=check, screen_static=screen_static,
+                               sampler=sampler)
 
-    # Prefill: the full model fills every layer's cache; its last logits give token 0.
     t0 = time.perf_counter()
-    cache = DynamicCache(config=adapter.model.config)
-    out = adapter.model(input_ids=ids, past_key_values=cache, use_cache=True)
-    token = _pick(out.logits[0, -1], do_sample, temperature, top_k, gen)
-    if checker is not None:
-        checker.reset(ids[0].tolist())
-        checker.observe(token, out.logits[0, -1])
+    token = decoder.prefill(ids)
     t1 = time.perf_counter()
-    tokens, exits, n_checks, n_full = [token], [L], 0, 0
-    pos = ids.shape[1]
-    layers = adapter.layers
-    while len(tokens) < max_new_tokens and token not in stop:
-        step = len(tokens)
-        h = embed(torch.tensor([[token]], device=adapter.device))
-        position_ids = torch.tensor([[pos]], device=adapter.device)
-        cos, sin = rotary(h, position_ids)
-        threshold = float("-inf") if force_exit_layer else calm_threshold(lam or 0.0, step, N)
-        result: CheckResult | None = None
-        exit_at, prev_top, streak = L, -1, 0
-        for j in range(L):
-            h = layers[j](h, attention_mask=None, position_ids=position_ids,
-                          past_key_values=cache, use_cache=True, position_embeddings=(cos, sin))
-            if j + 1 in checks:
-                result = checker(h[0, 0], j + 1, max(threshold, per_layer.get(j + 1, threshold)))
-                n_checks += 1
-                n_full += result.full
-                streak = streak + 1 if result.top1 == prev_top else 0
-                prev_top = result.top1
-                if result.exit and (streak >= patience or force_exit_layer is not None):
-                    exit_at = j + 1
-                    break
-        if exit_at < L:
-            propagate(cache, h, exit_at, cos, sin)
-            logits = result.logits
-        else:
-            logits = adapter.final_logits(h[0, 0])
-        token = _pick(logits, do_sample, temperature, top_k, gen)
-        if checker is not None:
-            checker.observe(token, logits)
-        tokens.append(token)
-        exits.append(exit_at)
-        pos += 1
+    while len(decoder.tokens) < max_new_tokens and token not in stop:
+        token = decoder.step()
     t2 = time.perf_counter()
 
     tok = getattr(adapter, "tokenizer", None)
-    text = tok.decode(tokens, skip_special_tokens=True) if tok is not None else None
-    settings = {"lambda": lam, "exit_layers": sorted(checks),
-                "check": getattr(checker, "name", None),
+    tokens = decoder.tokens
+    settings = {"lambda": lam, "exit_layers": sorted(decoder.checks),
+                "check": getattr(decoder.checker, "name", None),
                 "screen_static": screen_static if check in ("screened", "shortlist") else None,
                 "patience": patience,
                 "layer_thresholds": per_layer or None,
                 "do_sample": do_sample, "N": N}
-    result_obj = GenerationResult(
-        prompt_ids=ids[0].tolist(), tokens=tokens, exit_layers=exits, n_layers=L,
-        n_checks=n_checks, n_full_checks=n_full, prefill_seconds=t1 - t0, decode_seconds=t2 - t1, text=text,
+    if policy is not None and not isinstance(policy, CalmPolicy):
+        settings["policy"] = type(policy).__name__
+    result = GenerationResult(
+        prompt_ids=ids[0].tolist(), tokens=tokens, exit_layers=decoder.exit_layers, n_layers=L,
+        n_checks=decoder.n_checks, n_full_checks=decoder.n_full_checks,
+        prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
+        text=tok.decode(tokens, skip_special_tokens=True) if tok is not None else None,
         settings=settings,
     )
-    return (result_obj, cache) if return_cache else result_obj
+    return (result, decoder.cache) if return_cache else result
