@@ -15,6 +15,8 @@ from lensforge.cli.common import (
     print_table,
 )
 from lensforge.data import PackedTokenStream, iter_documents
+from lensforge.data.sources import check_source
+from lensforge.errors import CheckpointError
 from lensforge.evaluation import evaluate, raf_table
 from lensforge.lenses import load_lens
 from lensforge.metrics import write_layer_metrics
@@ -60,9 +62,14 @@ def evaluate_to_folder(adapter, lenses, data: str, text_field: str, seq_len: int
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    specs = parse_lens_specs(args.lenses)
+    for name, path in specs.items():  # fail before the model loads
+        if not path.exists() and not (name == "logit" and path.name == "logit"):
+            raise CheckpointError(f"lens folder {path} does not exist")
+    check_source(args.data, text_field=args.text_field, split="heldout")
     adapter = load_model_from_args(args)
     lenses = {name: load_lens(path, adapter, allow_mismatch=args.allow_mismatch)
-              for name, path in parse_lens_specs(args.lenses).items()}
+              for name, path in specs.items()}
     evaluate_to_folder(adapter, lenses, args.data, args.text_field, args.seq_len,
                        args.batch_size, args.tokens, Path(args.out), args.reference)
     return 0

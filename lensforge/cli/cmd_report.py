@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="no trajectory grids (does not load the model)")
     p.add_argument("--samples", type=positive, default=3, help="held-out samples shown")
     p.add_argument("--sample-tokens", type=positive, default=40, help="tokens per sample")
-    p.set_defaults(func=run_report)
+    p.set_defaults(func=run_report, out_kind="file")
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from lensforge.cli.cmd_eval import evaluate_to_folder
 from lensforge.cli.common import add_model_args, load_model_from_args, positive
+from lensforge.cli.outdir import claim_out_dir
+from lensforge.data.sources import check_source
 from lensforge.training import TrainConfig, train
 
 
@@ -34,19 +36,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive, default=4)
     p.add_argument("--out", default="runs/main", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in OUT (only files lensforge wrote there)")
     p.set_defaults(func=run_main)
 
 
 def run_main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
-    adapter = load_model_from_args(args)
-    t_load = time.perf_counter() - t0
     cfg = TrainConfig(model=args.model, data=args.data, text_field=args.text_field,
                       lens_types=["lowrank"], k=args.k, init_tokens=args.init_tokens,
                       tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size,
                       tokens_per_step=max(args.tokens_per_step, args.seq_len * args.batch_size),
                       dtype=args.dtype, lr=3e-4, out=str(out / "train"))
+    cfg.validate()  # every check before the model loads
+    check_source(args.data, text_field=args.text_field)
+    claim = claim_out_dir(out, command="run", overwrite=args.overwrite, resume=args.resume)
+    try:
+        return _run(args, cfg, out, t0)
+    finally:
+        claim.finish()
+
+
+def _run(args: argparse.Namespace, cfg: TrainConfig, out: Path, t0: float) -> int:
+    adapter = load_model_from_args(args)
+    t_load = time.perf_counter() - t0
     result = train(cfg, adapter, resume=args.resume)
     t_train = time.perf_counter() - t0 - t_load
     results = evaluate_to_folder(adapter, result.lenses, args.data, args.text_field,

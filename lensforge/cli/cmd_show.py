@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from lensforge.analysis.trajectory import STATS, PredictionTrajectory
-from lensforge.cli.common import add_model_args, load_model_from_args, parse_lens_specs, positive
+from lensforge.cli.common import (
+    add_model_args,
+    check_out_path,
+    load_model_from_args,
+    parse_lens_specs,
+    positive,
+)
+from lensforge.data.sources import decode_text, read_text_file
 from lensforge.errors import ConfigError, DataError
 from lensforge.lenses import LogitLens, load_lens
 
@@ -41,20 +47,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--png-start", type=int, default=0, help="first position in the PNG")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="use lenses trained for another model (transfer)")
-    p.set_defaults(func=run_show)
+    p.set_defaults(func=run_show, out_kind="file")
+
+
+# --max-tokens clips the text anyway; a bound keeps a huge file from filling memory.
+MAX_FILE_BYTES = 1 << 24
 
 
 def read_text(args: argparse.Namespace) -> str:
     if args.file and args.text:
         raise ConfigError("give the text or --file, not both")
-    if args.file:
+    if args.file == "-":
         import sys
 
-        try:
-            text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(
-                encoding="utf-8")
-        except OSError as exc:
-            raise DataError(f"cannot read {args.file}: {exc.strerror}") from exc
+        data = sys.stdin.buffer.read(MAX_FILE_BYTES)
+        text = decode_text(data, "standard input", final=len(data) < MAX_FILE_BYTES)
+    elif args.file:
+        # the text-encoding policy of every reader: UTF-8, a few bad bytes replaced
+        text = read_text_file(args.file, max_bytes=MAX_FILE_BYTES)
     else:
         text = args.text
     if not text or not text.strip():
@@ -64,6 +74,9 @@ def read_text(args: argparse.Namespace) -> str:
 
 def run_show(args: argparse.Namespace) -> int:
     text = read_text(args)
+    for option in ("png", "json"):
+        if getattr(args, option):
+            check_out_path(getattr(args, option), kind="file", option=f"--{option}")
     specs = parse_lens_specs(args.lens)
     if "logit" in specs:
         raise ConfigError("'logit' is built in; give your lens another name")

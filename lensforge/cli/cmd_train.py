@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from lensforge.cli.common import add_data_args, add_model_args, load_model_from_args, positive
-from lensforge.data import iter_documents
+from lensforge.cli.outdir import claim_out_dir
+from lensforge.data.sources import check_source
 from lensforge.errors import ConfigError
 from lensforge.training import OPTIMIZER_DEFAULTS, TrainConfig, train
 from lensforge.training.distributed import (
@@ -60,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--checkpoint-every", type=positive, default=d.checkpoint_every,
                    help="steps between atomic checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in OUT (only files lensforge wrote there)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group(
         "scale-out", "under `torchrun --nproc-per-node N -m lensforge train ...` the data is "
@@ -79,11 +82,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     cfg.validate()
-    iter_documents(cfg.data, text_field=cfg.text_field)  # a bad path fails before the model loads
     if args.cpu_offload and not args.fsdp:
         raise ConfigError("--cpu-offload only applies with --fsdp")
     if args.fsdp and not under_torchrun():
         raise ConfigError(FSDP_NEEDS_TORCHRUN)
+    check_source(cfg.data, text_field=cfg.text_field)  # bad data fails before the model loads
+    claim = claim_out_dir(cfg.out, command="train", overwrite=args.overwrite, resume=args.resume)
     ctx = DistContext.from_env(device=args.device)  # None unless launched by torchrun
     try:
         if ctx is not None:
@@ -100,6 +104,7 @@ def run_train(args: argparse.Namespace) -> int:
         result = train(cfg, adapter, resume=args.resume,
                        progress=not args.no_progress, dist=ctx)
     finally:
+        claim.finish()
         if ctx is not None:
             ctx.close()
     if ctx is None or ctx.is_main:

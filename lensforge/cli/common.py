@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from pathlib import Path
 
+import torch
+
 from lensforge.errors import ConfigError
-from lensforge.models import DEFAULT_MODEL, ModelAdapter, load_model
+from lensforge.models import DEFAULT_MODEL, ModelAdapter, load_model, parse_dtype
+from lensforge.models.loading import check_model_source
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -18,6 +23,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="model dtype: auto (bf16 on GPU or a CPU with bf16 hardware, else "
                         "float32), float32 or bfloat16 (default: %(default)s)")
     g.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    g.add_argument("--online", action="store_true",
+                   help="let a hub id that is not in the local Hugging Face cache download")
     g.add_argument("--layers-path", help="dotted path of the block list, for unusual models")
     g.add_argument("--norm-path", help="dotted path of the final norm")
     g.add_argument("--lm-head-path", help="dotted path of the unembedding")
@@ -26,7 +33,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def load_model_from_args(args: argparse.Namespace) -> ModelAdapter:
     parts = {k: v for k, v in (("layers", args.layers_path), ("norm", args.norm_path),
                                ("lm_head", args.lm_head_path)) if v}
-    return load_model(args.model, dtype=args.dtype, device=args.device, parts=parts or None)
+    return load_model(args.model, dtype=args.dtype, device=args.device, parts=parts or None,
+                      online=getattr(args, "online", False))
 
 
 def add_data_args(p: argparse.ArgumentParser, *, default: str = "stdlib") -> None:
@@ -35,8 +43,69 @@ def add_data_args(p: argparse.ArgumentParser, *, default: str = "stdlib") -> Non
                    help="text: .txt/.jsonl/.parquet file or folder (.gz ok), a Hugging Face "
                         "dataset name, or 'stdlib' (built-in corpus) (default: %(default)s)")
     g.add_argument("--text-field", default="text", help="jsonl/parquet field (default: text)")
-    g.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default: 512)")
-    g.add_argument("--batch-size", type=int, default=4, help="sequences per batch (default: 4)")
+    g.add_argument("--seq-len", type=positive, default=512,
+                   help="tokens per sequence (default: 512)")
+    g.add_argument("--batch-size", type=positive, default=4,
+                   help="sequences per batch (default: 4)")
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """Checks every command gets before it runs (cheap; no model load): --out, the model
+    options. A command whose --out is a file sets `out_kind="file"` in its defaults."""
+    out = getattr(args, "out", None)
+    if out is not None:
+        check_out_path(out, kind=getattr(args, "out_kind", "folder"))
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
+    if getattr(args, "dtype", None) is not None:
+        parse_dtype(args.dtype, args.device if getattr(args, "device", None) else "cpu")
+    if getattr(args, "model", None) is not None:
+        check_model_source(args.model, online=getattr(args, "online", False))
+
+
+def check_out_path(value: str | os.PathLike[str], *, kind: str = "folder",
+                   option: str = "--out") -> Path:
+    """ConfigError unless ``value`` can be written as an output ``kind`` ("folder"/"file"):
+    not an existing path of the other kind, and inside a folder this process can write."""
+    path = Path(value).expanduser()
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {value} is an existing file; give a folder")
+    if kind == "file" and path.is_dir():
+        raise ConfigError(f"{option} {value} is an existing folder; give a file name")
+    existing = path if kind == "folder" else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{option} {value}: {existing} is a file, not a folder")
+    try:  # the only reliable test (os.access says yes to root, and knows no read-only mounts)
+        fd, probe = tempfile.mkstemp(prefix=".lensforge-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(f"{option} {value}: cannot write in {existing} "
+                          f"({exc.strerror or exc})") from exc
+    if kind == "file" and path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{option} {value}: the file is not writable")
+    return path
+
+
+def check_device(value: str) -> None:
+    """ConfigError unless ``value`` is a torch device this machine has."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {value}: not a torch device; use cpu, cuda, cuda:N "
+                          "or mps") from None
+    if device.type == "cpu":
+        return
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        raise ConfigError(f"--device {value}: this machine (torch {torch.__version__}) has no "
+                          f"{device.type} device; use --device cpu")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise ConfigError(f"--device {value}: only {count()} {device.type} device(s) here")
 
 
 def positive(value: str) -> int:

@@ -2,6 +2,8 @@
 
 Each such module defines `register(subparsers)`, adding its parser with
 `set_defaults(func=...)`. Any LensforgeError becomes a one-line message and exit 2.
+Before a command runs, `preflight` checks what every command shares (--out, --device,
+--dtype, --model), so those mistakes fail at once, before a model loads.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pkgutil
 import sys
 
 from lensforge import __version__
+from lensforge.cli.common import preflight
 from lensforge.errors import LensforgeError
 
 
@@ -38,13 +41,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     debug = bool(os.environ.get("LENSFORGE_DEBUG"))
     try:
+        preflight(args)
         result = args.func(args)
     except LensforgeError as exc:
         if debug:
             raise
         print(f"lensforge {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+            NotADirectoryError) as exc:
         if debug:
             raise
         print(f"lensforge {args.command}: error: {exc}", file=sys.stderr)

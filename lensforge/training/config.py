@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from lensforge.errors import ConfigError
@@ -54,7 +55,9 @@ class TrainConfig:
         for t in self.lens_types:
             if t not in ("tuned", "lowrank"):
                 raise ConfigError(f"cannot train lens type '{t}'; use tuned or lowrank")
-        for name, value in (("tokens", self.tokens), ("init_tokens", self.init_tokens)):
+        self._validate_numbers()
+        for name, value in (("tokens", self.tokens), ("init_tokens", self.init_tokens),
+                            ("warmup_steps", self.warmup_steps)):
             if value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0")
         for name in ("batch_size", "seq_len", "tokens_per_step", "token_chunk", "checkpoint_every"):
@@ -64,6 +67,26 @@ class TrainConfig:
             raise ConfigError("--tokens-per-step must be at least --batch-size x --seq-len")
         if self.tokens == 0 and self.init == "zero":
             raise ConfigError("nothing to do: --tokens 0 with --init zero")
+
+    def _validate_numbers(self) -> None:
+        """argparse's float() accepts nan and inf; none of them means anything here."""
+        for name, value, low, high, low_open in (
+            ("lr", self.lr, 0.0, math.inf, True),
+            ("weight_decay", self.weight_decay, 0.0, math.inf, False),
+            ("momentum", self.momentum, 0.0, 1.0, False),
+            ("ridge", self.ridge, 0.0, math.inf, False),
+            ("clip", self.clip, 0.0, math.inf, False),
+        ):
+            if value is None:
+                continue
+            bad_low = value <= low if low_open else value < low
+            if not math.isfinite(value) or bad_low or value >= high:
+                lower = f"> {low:g}" if low_open else f">= {low:g}"
+                upper = "" if high == math.inf else f" and < {high:g}"
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be a finite number {lower}{upper}, "
+                    f"got {value}"
+                )
 
     @property
     def micro_tokens(self) -> int:
