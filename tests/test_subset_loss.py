@@ -20,8 +20,10 @@ def _grads(lenses: dict) -> dict[str, list[Tensor]]:
     return {n: [p.grad.clone() for p in lens.parameters()] for n, lens in lenses.items()}
 
 
-@pytest.mark.parametrize("family", ("llama", "gemma2", "phi"))
-def test_k_equal_vocab_is_exact(family: str, tiny_adapter, tiny_input_ids: Tensor) -> None:
+@pytest.mark.parametrize("family,exact_cross", [("llama", True), ("gemma2", True),
+                                                ("phi", True), ("phi", False)])
+def test_k_equal_vocab_is_exact(family: str, exact_cross: bool, tiny_adapter,
+                                tiny_input_ids: Tensor) -> None:
     """k = V leaves no tail: values and gradients equal the fused exact loss."""
     adapter = tiny_adapter(family)
     hs, final_h = _hidden(adapter, tiny_input_ids)
@@ -29,7 +31,7 @@ def test_k_equal_vocab_is_exact(family: str, tiny_adapter, tiny_input_ids: Tenso
     want = fused_kl_loss_backward(twins, hs, final_h, adapter.unembed, scale=0.5)
     got = subset_kl_loss_backward(lenses, hs, final_h, adapter.unembed, scale=0.5,
                                   k=adapter.vocab_size, token_chunk=5,
-                                  generator=torch.Generator().manual_seed(0))
+                                  exact_cross=exact_cross, generator=torch.Generator().manual_seed(0))
     for name in lenses:
         assert rel_err(got[name], want[name]) <= RTOL, (name, got[name], want[name])
         for p, q in zip(lenses[name].parameters(), twins[name].parameters(), strict=True):
@@ -93,8 +95,8 @@ def test_quirks_exact_against_fp64_oracle(softcap: float | None) -> None:
         assert rel_err(p.grad, g) <= RTOL
 
 
-@pytest.mark.parametrize("softcap", (None, 3.0))
-def test_error_shrinks_as_k_grows(softcap: float | None) -> None:
+@pytest.mark.parametrize("softcap,exact_cross", [(None, True), (None, False), (3.0, True)])
+def test_error_shrinks_as_k_grows(softcap: float | None, exact_cross: bool) -> None:
     """Mean |estimate - exact| over seeds falls as k goes V/8 -> V/4 -> V/2 -> V (= 0),
     and at k < V the estimate is biased low (log of an unbiased Ẑ, Jensen)."""
     lenses, hs, final_h, unembed = _quirky_case(softcap, V=128)
@@ -105,7 +107,7 @@ def test_error_shrinks_as_k_grows(softcap: float | None) -> None:
         diffs = []
         for seed in range(seeds):
             got = subset_kl_loss_backward(lenses, hs, final_h, unembed, k=k, tail_samples=8,
-                                          backward=False,
+                                          backward=False, exact_cross=exact_cross,
                                           generator=torch.Generator().manual_seed(seed))
             diffs.append(got["tuned"].double() - exact["tuned"])
         d = torch.stack(diffs)

@@ -8,9 +8,11 @@ row r (a layer of a lens) and token t, with target p_t and lens logits z = quirk
 
 * Σ_v p log p (the target's negative entropy): exact, from the one V-wide target pass
   per token chunk that all layers and lenses share.
-* Σ_v p z: exact without a soft-cap, as s·(x·(p W_U) + p·b) with p W_U [C, H] computed
-  once per chunk. With a soft-cap (logits no longer linear in x) it is the exact sum
-  over the head S_t plus an unbiased importance-sampled estimate over the tail.
+* Σ_v p z: with `exact_cross` and no soft-cap, exact as s·(x·(p W_U) + p·b), with
+  p W_U [C, H] computed once per chunk (one extra V-wide GEMM per chunk). Otherwise
+  (or with a soft-cap, where logits are not linear in x) it is the exact sum over the
+  head S_t plus an unbiased importance-sampled estimate over the tail, from the same
+  sampled ids as log Z.
 * log Z: Z = Σ_{v∈S_t} e^{z_v} (exact, S_t = the target's top-k tokens of token t)
   + an importance-sampled estimate of the tail Σ_{v∉S_t} e^{z_v} from m ids drawn
   (with replacement) from a proposal ρ shared by the chunk's tokens:
@@ -28,8 +30,8 @@ Bias (stated plainly; the held-out KL is always measured exactly, never with thi
   (early layers, early training).
 * Its gradient, e^{z_v}/Ẑ per sampled logit, is a self-normalized importance-sampling
   estimate of softmax(z): consistent but biased at finite m (O(1/m)).
-* Without a soft-cap the cross term Σ p z and its gradient are exact; with one the
-  tail part of it is unbiased (it is linear in the sampled terms) but noisy.
+* The cross term Σ p z and its gradient are exact (exact_cross, no soft-cap) or
+  unbiased but noisy (sampled tail part: linear in the sampled terms).
 * With k >= V the loss is exact (no tail) and matches the fused loss to rounding.
 """
 
@@ -63,21 +65,25 @@ class ChunkTarget:
 
     def __init__(self, final_h: Tensor, unembed: torch.nn.Module, weight: Tensor,
                  bias: Tensor | None, k: int, tail_samples: int, uniform_mix: float,
-                 generator: torch.Generator | None, workspace: fast_loss.Workspace) -> None:
+                 generator: torch.Generator | None, workspace: fast_loss.Workspace,
+                 exact_cross: bool = True) -> None:
         scale, softcap = fast_loss._quirks(unembed)
         with torch.no_grad():
             x = unembed.norm(final_h.to(unembed.weight.dtype)).to(weight.dtype)
             C, V = x.shape[0], weight.shape[0]
-            logp = fast_loss._logits(x, weight, bias, scale, softcap,
-                                     out=workspace.get("z", C, V, x.device))
-            logp.sub_(torch.logsumexp(logp, -1, keepdim=True))
-            p = torch.exp(logp, out=workspace.get("p", C, V, x.device))
-            self.neg_entropy = torch.bmm(p.unsqueeze(1), logp.unsqueeze(2)).view(C)
-            head_logp, self.head_idx = torch.topk(logp, min(k, V), dim=-1)
-            self.head_p = head_logp.exp()
+            z = fast_loss._logits(x, weight, bias, scale, softcap,
+                                  out=workspace.get("z", C, V, x.device))
+            z.sub_(z.amax(-1, keepdim=True))  # z - max; in place, as are p's steps
+            p = torch.exp(z, out=workspace.get("p", C, V, x.device))
+            log_s = p.sum(-1).log_()
+            p.div_(log_s.exp()[:, None])
+            # Σ p log p = Σ p (z - max) - log Σ exp(z - max), since Σ p = 1.
+            self.neg_entropy = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(C) - log_s
+            head_z, self.head_idx = torch.topk(z, min(k, V), dim=-1)
+            self.head_p = (head_z - log_s[:, None]).exp_()
             self.p_w: Tensor | None = None
             self.p_b: Tensor | None = None
-            if softcap is None:
+            if softcap is None and exact_cross:
                 # bf16 matmul when the loss runs in bf16: no fp32 copy of W_U per chunk.
                 self.p_w = (p.to(weight.dtype) @ weight).float()
                 if bias is not None:
@@ -162,6 +168,7 @@ def subset_kl_loss_backward(
     k: int = DEFAULT_K,
     tail_samples: int = DEFAULT_TAIL_SAMPLES,
     uniform_mix: float = DEFAULT_UNIFORM_MIX,
+    exact_cross: bool = True,
     generator: torch.Generator | None = None,
     block_bytes: int | None = None,
     workspace: fast_loss.Workspace | None = None,
@@ -172,7 +179,9 @@ def subset_kl_loss_backward(
     returns per-lens per-layer mean estimated KL [L] (fp32, nats). hs: [L, N, H];
     final_h: [N, H] pre-norm final residual. `k`: target top-k tokens per token (k >= V
     is the exact loss); `tail_samples`: m tail ids drawn per token chunk (needed when
-    k < V); `uniform_mix`: α, the uniform share of the tail proposal; `generator`: seeds
+    k < V); `uniform_mix`: α, the uniform share of the tail proposal; `exact_cross`:
+    compute Σ_v p z exactly via p W_U (one more [chunk, V] x [V, H] GEMM per chunk, no
+    soft-cap only) instead of head-exact + sampled tail; `generator`: seeds
     the tail draws (same seed, same loss and gradients). See the module docstring for
     the estimator and its bias.
     """
@@ -205,7 +214,7 @@ def subset_kl_loss_backward(
     for start in range(0, N, chunk):
         sl = slice(start, min(N, start + chunk))
         target = ChunkTarget(final_h[sl], unembed, weight, bias, k, tail_samples, uniform_mix,
-                             generator, ws)
+                             generator, ws, exact_cross)
         h = hs[:, sl].float()
         with torch.set_grad_enabled(backward and torch.is_grad_enabled()):
             states = torch.cat([lenses[n].transform_all(h) for n in names])  # [nL*L, C, H]
