@@ -188,29 +188,16 @@ def executed_flops_per_token(adapter: object, seq_len: int) -> float:
 
 
 def heldout_kl(adapter: object, lenses: dict, tokens: int, seq_len: int) -> dict[str, float]:
-    """Held-out mean KL over layers (nats) through the fused loss, forward only."""
-    import torch
-
+    """Held-out mean KL over layers (nats) through `lensforge.evaluation.evaluate` (the
+    one readout every command reports)."""
     from lensforge.data import PackedTokenStream, iter_documents
-    from lensforge.training.fast_loss import fused_kl_loss_backward
-    from lensforge.training.loop import split_hidden
+    from lensforge.evaluation import evaluate
 
     stream = PackedTokenStream(lambda: iter_documents("stdlib:heldout"), adapter.tokenizer,
                                seq_len)
-    totals = {name: torch.zeros(adapter.n_layers, dtype=torch.float64) for name in lenses}
-    n = 0
-    with torch.no_grad():
-        for row in stream:
-            if n >= tokens:
-                break
-            hs = adapter.hidden_states(row[None])
-            layer_h, final_h = split_hidden(hs, adapter.n_layers)
-            kls = fused_kl_loss_backward(lenses, layer_h, final_h, adapter.unembed,
-                                         backward=False)
-            for name, kl in kls.items():
-                totals[name] += kl.double() * row.numel()
-            n += row.numel()
-    return {name: float(t.mean() / n) for name, t in totals.items()}
+    res = evaluate(adapter, lenses, (row[None] for row in stream), max_tokens=tokens,
+                   progress=False)
+    return {name: res[name]["mean"]["kl"] for name in lenses}
 
 
 def snapshot_closed_form() -> dict:

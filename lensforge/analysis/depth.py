@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lensforge.errors import ConfigError, ShapeError
 from lensforge.lenses import Lens
+from lensforge.lenses.readout import Readout
 
 
 def prediction_depth(lens_top1: Tensor, final_top1: Tensor) -> Tensor:
@@ -36,13 +37,14 @@ def depth_batch(adapter: object, lens: Lens, input_ids: Tensor,
     next token and is dropped."""
     hs = adapter.hidden_states(input_ids) if hidden is None else hidden
     n_layers = hs.shape[0] - 1
-    final_logits = adapter.final_logits(hs[n_layers]).float()[:, :-1]
+    readout = Readout(adapter.unembed)
+    final_logits = readout.final_logprobs(hs[n_layers])[:, :-1]
     final_top1 = final_logits.argmax(-1)
     targets = input_ids[:, 1:].to(final_logits.device)
     loss = torch.nn.functional.cross_entropy(
         final_logits.reshape(-1, final_logits.shape[-1]), targets.reshape(-1), reduction="none"
     ).reshape(targets.shape)
-    top1 = torch.stack([lens(hs[idx][:, :-1], idx).argmax(-1) for idx in range(n_layers)])
+    top1 = torch.stack([lp.argmax(-1) for _, lp in readout.layer_logprobs(lens, hs[:n_layers, :, :-1])])
     return {"depth": prediction_depth(top1, final_top1), "loss": loss,
             "correct": final_top1 == targets}
 

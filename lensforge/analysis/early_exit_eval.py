@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from lensforge.lenses.readout import Readout
 from lensforge.metrics import top2_gap
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ def collect_exit_records(adapter: object, lens: object, sequences: Iterable[Eval
     lens's Δ and top-1 at every layer and the model's top-1. Step index i = p − start;
     N = the mean of `seq.input_len` (the prompt length when replies were generated)."""
     L = adapter.n_layers
+    readout = Readout(adapter.unembed)
     gaps, top1, final, steps, input_lens = [], [], [], [], []
     for seq in sequences:
         start = seq.start
@@ -119,10 +121,8 @@ def collect_exit_records(adapter: object, lens: object, sequences: Iterable[Eval
         seq_final = torch.empty(T, dtype=torch.long)
         for s in range(0, T, token_chunk):
             sl = slice(s, s + token_chunk)
-            seq_final[sl] = adapter.unembed(hs[L, sl]).argmax(-1).cpu()
-            for layer in range(L):
-                h = lens.transform_hidden(hs[layer, sl].float(), layer).to(adapter.dtype)
-                logp = torch.log_softmax(adapter.unembed(h).float(), dim=-1)
+            seq_final[sl] = readout.final_logprobs(hs[L, sl]).argmax(-1).cpu()
+            for layer, logp in readout.layer_logprobs(lens, hs[:L, sl]):
                 seq_gaps[sl, layer] = top2_gap(logp).double().cpu()
                 seq_top1[sl, layer] = logp.argmax(-1).cpu()
         gaps.append(seq_gaps)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from lensforge.errors import ConfigError, DataError, NonFiniteError, ShapeError
+from lensforge.lenses.readout import Readout
 from lensforge.metrics import entropy_from_logprobs, kl_from_logprobs, target_rank
 
 # Statistic keys, in display order: a label, whether lower means "closer to the model", and
@@ -378,7 +379,8 @@ def _lens_grids(hs: Tensor, lenses: Mapping[str, torch.nn.Module], unembed: torc
     """hs [L+1, B, T, H], targets [B, T] (-1 = none) -> name -> LensTrajectory with
     [R, B, T(, k)] tensors (sliced per sequence by the caller)."""
     n_layers = hs.shape[0] - 1
-    final_lp = torch.log_softmax(unembed(hs[n_layers]).float(), dim=-1)  # [B, T, V]
+    readout = Readout(unembed)
+    final_lp = readout.final_logprobs(hs[n_layers])  # [B, T, V] fp32
     vocab = final_lp.shape[-1]
     if not 1 <= top_k <= vocab:
         raise ConfigError(f"top_k must be in [1, {vocab}], got {top_k}")
@@ -391,8 +393,8 @@ def _lens_grids(hs: Tensor, lenses: Mapping[str, torch.nn.Module], unembed: torc
     final_row = _row_stats(final_lp, final_lp, safe_targets, valid, top_k)
     out = {}
     for name, lens in lenses.items():
-        rows = [_row_stats(torch.log_softmax(lens(hs[layer], layer).float(), dim=-1), final_lp,
-                           safe_targets, valid, top_k) for layer in range(n_layers)]
+        rows = [_row_stats(lp, final_lp, safe_targets, valid, top_k)
+                for _, lp in readout.layer_logprobs(lens, hs[:n_layers])]
         rows.append(final_row)
         out[name] = LensTrajectory(**{
             key: torch.stack([row[key] for row in rows]).cpu() for key in rows[0]})

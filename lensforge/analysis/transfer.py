@@ -8,7 +8,7 @@ itself: per-layer KL(p_L^B ‖ q_l) and RAF against a native reference lens.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +16,8 @@ from torch import Tensor
 
 from lensforge.data import PackedTokenStream, alpaca_instructions, format_chat, iter_documents
 from lensforge.errors import ConfigError, DataError
-from lensforge.evaluation import next_token_targets, raf_table
-from lensforge.lenses import Lens, LogitLens
-from lensforge.metrics import LayerMetricAccumulator
+from lensforge.evaluation import evaluate, raf_table
+from lensforge.lenses import Lens
 
 INSTRUCTION_SOURCES = ("alpaca", "builtin")
 
@@ -115,32 +114,21 @@ def load_sequences(adapter: object, *, data: str | None, instructions: str | Non
     return seqs, f"{len(seqs)} held-out sequences of {seq_len} tokens from {data}"
 
 
-@torch.no_grad()
 def evaluate_sequences(adapter: object, lenses: Mapping[str, Lens],
                        sequences: Iterable[EvalSequence]) -> dict[str, dict]:
     """Per-layer metrics (as `evaluate`, logit lens added) over positions ≥ seq.start of
     each sequence: the generated reply when there is one, else every position."""
-    lenses = dict(lenses)
-    if not any(isinstance(lens, LogitLens) for lens in lenses.values()):
-        lenses = {"logit": LogitLens.from_model(adapter), **lenses}
-    L = adapter.n_layers
-    accs = {name: LayerMetricAccumulator(L) for name in lenses}
-    seen = 0
-    for seq in sequences:
-        ids = seq.ids[None]
-        hs = adapter.hidden_states(ids)[:, 0, seq.start:]  # [L+1, T', H]
-        targets = next_token_targets(ids)[0, seq.start:].to(adapter.device)
-        final_lp = torch.log_softmax(adapter.unembed(hs[L]).float(), dim=-1)
-        for name, lens in lenses.items():
-            accs[name].update_final(targets=targets, final_logprobs=final_lp)
-            for layer in range(L):
-                h = lens.transform_hidden(hs[layer].float(), layer).to(adapter.dtype)
-                accs[name].update(layer, adapter.unembed(h), targets=targets,
-                                  final_logprobs=final_lp)
-        seen += hs.shape[1]
-    if seen == 0:
-        raise DataError("no tokens to evaluate")
-    return {name: acc.result() for name, acc in accs.items()}
+    def masked() -> Iterator[tuple[Tensor, Tensor]]:
+        for seq in sequences:
+            ids = seq.ids[None]
+            mask = torch.zeros_like(ids, dtype=torch.bool)
+            mask[:, seq.start:] = True
+            yield ids, mask
+
+    try:
+        return evaluate(adapter, lenses, masked())
+    except DataError as exc:
+        raise DataError("no tokens to evaluate") from exc
 
 
 def transfer_eval(adapter_b: object, transferred: Mapping[str, Lens], native: Mapping[str, Lens],
@@ -179,33 +167,4 @@ def perturbed_copy(model: torch.nn.Module, scale: float = 0.02, seed: int = 0) -
         for p in sibling.parameters():
             noise = torch.randn(p.shape, generator=gen).to(p.dtype)
             p.add_(noise * scale * (p.float().std() if p.numel() > 1 else 1.0))
-    return sibling
-
-
-def finetune_copy(adapter: object, batches: Iterable[Tensor], *, steps: int, lr: float = 1e-4,
-                  seed: int = 0) -> torch.nn.Module:
-    """A sibling built by fine-tuning a copy of the model (all weights, AdamW, next-token
-    loss) for `steps` batches — the stand-in for a base/instruct pair offline."""
-    import copy
-
-    torch.manual_seed(seed)
-    sibling = copy.deepcopy(adapter.model).float()
-    sibling.train()
-    for p in sibling.parameters():
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(sibling.parameters(), lr=lr, weight_decay=0.0)
-    done = 0
-    for batch in batches:
-        if done >= steps:
-            break
-        loss = sibling(input_ids=batch, labels=batch, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        done += 1
-    if done < steps:
-        raise DataError(f"data ran out after {done} of {steps} fine-tuning steps")
-    sibling.eval()
-    for p in sibling.parameters():
-        p.requires_grad_(False)
     return sibling
