@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 
-.PHONY: run test test-slow test-browser bench bench-early-exit lint install install-dev chromium clean
+.PHONY: run test test-slow test-browser test-floor bench bench-early-exit lint install install-dev chromium clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,29 @@ test-slow: $(DEVSTAMP)
 
 test-browser: $(DEVSTAMP) chromium
 	$(PY) -m pytest -q -m browser --durations=15
+
+# The oldest transformers the code supports (pyproject's lower bound), tested in its own
+# venv: the project's dependencies at TORCH_SPEC and transformers==TRANSFORMERS_FLOOR, the
+# checkout on PYTHONPATH (no editable install, so the shared egg-info stays untouched).
+TRANSFORMERS_FLOOR ?= 4.56.0
+FLOOR_VENV ?= .venv-floor
+FLOOR_TESTS ?= tests/test_early_exit.py tests/test_decoder_signature.py tests/test_decoder_state.py \
+	tests/test_lenses.py tests/test_architectures.py
+FLOOR_PY := $(FLOOR_VENV)/bin/python
+FLOOR_STAMP := $(FLOOR_VENV)/.installed-$(TRANSFORMERS_FLOOR)
+
+$(FLOOR_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(PYTHON) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" \
+	  > $(FLOOR_VENV)/requirements.txt
+	$(FLOOR_PY) -m pip install -q "$(TORCH_SPEC)" "transformers==$(TRANSFORMERS_FLOOR)" \
+	  -r $(FLOOR_VENV)/requirements.txt
+	touch $@
+
+test-floor: $(FLOOR_STAMP)
+	$(FLOOR_PY) -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__)"
+	PYTHONPATH=$(CURDIR) $(FLOOR_PY) -m pytest -q -p no:cacheprovider $(FLOOR_TESTS)
 
 bench: $(DEVSTAMP)
 	$(PY) benchmarks/train_throughput.py
