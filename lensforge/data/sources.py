@@ -43,6 +43,9 @@ _PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = _TXT_SUFFIXES + _JSONL_SUFFIXES + _PARQUET_SUFFIXES
 
 STDLIB_SOURCES = ("stdlib", "stdlib:train", "stdlib:heldout")
+# Built-in general text (lensforge/data/general.py); names only, imported lazily.
+ALPACA_SOURCES = ("alpaca", "alpaca:train", "alpaca:heldout")
+GENERAL_SOURCES = ("general", "general:train", "general:heldout")
 
 
 def iter_documents(
@@ -76,7 +79,7 @@ def check_source(
     first records, or no document at all. Reads only the start of each file; Hugging Face
     dataset names are only resolved (no download)."""
     name = os.fspath(source)
-    if name in STDLIB_SOURCES:
+    if name in STDLIB_SOURCES + GENERAL_SOURCES + ALPACA_SOURCES:
         return
     path = Path(name).expanduser()
     if not (path.is_dir() or path.is_file()):
@@ -95,6 +98,10 @@ def check_source(
 
 
 def _dispatch(name: str, *, text_field: str, split: str, hf_config: str | None) -> Iterator[str]:
+    if name in GENERAL_SOURCES + ALPACA_SOURCES:
+        from lensforge.data.general import builtin_documents
+
+        return builtin_documents(name, split)
     if name in STDLIB_SOURCES:
         from lensforge.data.stdlib_corpus import stdlib_documents
 
@@ -214,6 +221,7 @@ def _text_lines(path: Path, max_line: int) -> Iterator[str]:
     """Lines of a text file (each at most ``max_line`` characters), under the encoding policy:
     a file whose first _SNIFF_CHARS characters, or whose whole text, are not text is refused.
     Read errors (truncated gzip, I/O) become DataError."""
+    read_text_file(path, max_bytes=_SNIFF_CHARS)  # a binary file fails here, whatever its kind
     total = bad = 0
     sniffed = False
     try:
