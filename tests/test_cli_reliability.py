@@ -229,3 +229,32 @@ def test_manifest_lists_what_lensforge_wrote(ws, tmp_path):
     listed = set(manifest["files"])
     assert listed == set(_tree(out)) - {".lensforge-out.json"}
     assert manifest["complete"] is True
+
+
+def test_files_outside_what_train_writes_are_left_alone(ws, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_train(ws, out)) == 0
+    (out / "eval").mkdir()
+    (out / "eval" / "metrics.json").write_text("{}")  # e.g. `eval --out run/eval`
+    (out / "notes.txt").write_text("mine")
+    assert main(_train(ws, out, "--overwrite")) == 0
+    assert main(_train(ws, out, "--resume")) == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "eval" / "metrics.json").read_text() == "{}"
+    assert (out / "lenses" / "lora_r4" / "config.json").exists()
+
+
+def test_a_killed_runs_files_count_as_its_own(ws, tmp_path, capsys):
+    """SIGKILL leaves the manifest unfinished; files written after the start are the run's."""
+    from lensforge.cli.outdir import MANIFEST, claim_out_dir
+
+    out = tmp_path / "killed"
+    claim_out_dir(out, command="train", scope=("checkpoint",))  # never finished
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "state.json").write_text("{}")
+    old = out / "checkpoint" / "from_before.txt"
+    old.write_text("mine")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))  # older than the run: a user's
+    err = _one_line_error(capsys, main(_train(ws, out, "--resume")))
+    assert "from_before.txt" in err and "state.json" not in err
+    assert json.loads((out / MANIFEST).read_text())["complete"] is False

@@ -16,6 +16,9 @@ from lensforge.training.distributed import (
     under_torchrun,
 )
 
+# What train writes in OUT; anything else there (an eval folder, notes) is left alone.
+TRAIN_OUTPUTS = ("checkpoint", "lenses", "train_history.json")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     d = TrainConfig()
@@ -53,8 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip (0: off)")
     g.add_argument("--token-chunk", type=positive, default=d.token_chunk,
                    help="tokens per logits block (memory bound)")
-    g.add_argument("--loss", choices=("fused", "reference"), default=d.loss,
-                   help="KL implementation: fused (batched layers, fast) or reference (oracle)")
+    g.add_argument("--loss", choices=("fused", "subset", "reference"), default=d.loss,
+                   help="KL implementation: fused (exact, batched layers), subset (target "
+                        "top-k + sampled tail, an estimate; see docs/subset_kl.md) or "
+                        "reference (the slow oracle)")
+    g.add_argument("--subset-k", type=positive, default=d.subset_k,
+                   help="subset loss: target top-k tokens per token")
+    g.add_argument("--subset-tail", type=positive, default=d.subset_tail,
+                   help="subset loss: sampled tail ids per token chunk")
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=d.out, help="output folder")
@@ -87,7 +96,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.fsdp and not under_torchrun():
         raise ConfigError(FSDP_NEEDS_TORCHRUN)
     check_source(cfg.data, text_field=cfg.text_field)  # bad data fails before the model loads
-    claim = claim_out_dir(cfg.out, command="train", overwrite=args.overwrite, resume=args.resume)
+    claim = claim_out_dir(cfg.out, command="train", overwrite=args.overwrite, resume=args.resume,
+                          scope=TRAIN_OUTPUTS)
     ctx = DistContext.from_env(device=args.device)  # None unless launched by torchrun
     try:
         if ctx is not None:

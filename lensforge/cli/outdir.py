@@ -6,6 +6,10 @@ it every file it wrote. A later command into the same folder is refused if the f
 files the manifest does not list (a user's), and needs --resume or --overwrite if it holds a
 previous run. --overwrite deletes only the listed files.
 
+A command may declare the top-level names it writes (`scope`, e.g. train: checkpoint, lenses,
+train_history.json, and their hidden `.NAME.*` siblings); files elsewhere in the folder are
+then neither refused nor touched, so `eval --out RUN/eval` next to a training run is fine.
+
 A run killed with SIGKILL never lists its files; its manifest stays "complete": false with the
 time it started, and files written since then count as its own.
 """
@@ -35,6 +39,7 @@ class OutClaim:
     command: str
     started: float
     previous: frozenset[str]  # files of earlier runs kept (on --resume)
+    scope: tuple[str, ...] | None = None  # top-level names the command writes; None: all
     active: bool = True  # False on torchrun ranks other than 0: rank 0 keeps the manifest
 
     def finish(self) -> None:
@@ -42,7 +47,7 @@ class OutClaim:
         if not self.active or not self.folder.is_dir():
             return
         since = self.started - _CLOCK_SLACK_S
-        files = {f for f, mtime in _scan(self.folder).items()
+        files = {f for f, mtime in _scan(self.folder, self.scope).items()
                  if f in self.previous or mtime >= since}
         _write_manifest(self.folder, {"format": FORMAT, "command": self.command,
                                       "complete": True, "started": self.started,
@@ -50,7 +55,7 @@ class OutClaim:
 
 
 def claim_out_dir(out: str | os.PathLike[str], *, command: str, overwrite: bool = False,
-                  resume: bool = False) -> OutClaim:
+                  resume: bool = False, scope: tuple[str, ...] | None = None) -> OutClaim:
     """Check and claim ``out`` for ``command`` (see the module docstring); ConfigError if a
     user's files are there, or a previous run without --overwrite / --resume."""
     folder = Path(out)
@@ -58,11 +63,11 @@ def claim_out_dir(out: str | os.PathLike[str], *, command: str, overwrite: bool 
         raise ConfigError("--overwrite and --resume exclude each other; pick one")
     active = os.environ.get("RANK", "0") == "0"
     if folder.is_dir():
-        ours = _check_existing(folder, command, overwrite=overwrite, resume=resume)
+        ours = _check_existing(folder, scope, overwrite=overwrite, resume=resume)
     else:
         ours = set()
     if not active:
-        return OutClaim(folder, command, time.time(), frozenset(ours), active=False)
+        return OutClaim(folder, command, time.time(), frozenset(ours), scope, active=False)
     if overwrite:
         _delete(folder, ours)
         ours = set()
@@ -70,12 +75,13 @@ def claim_out_dir(out: str | os.PathLike[str], *, command: str, overwrite: bool 
     started = time.time()
     _write_manifest(folder, {"format": FORMAT, "command": command, "complete": False,
                              "started": started, "files": sorted(ours)})
-    return OutClaim(folder, command, started, frozenset(ours))
+    return OutClaim(folder, command, started, frozenset(ours), scope)
 
 
-def _check_existing(folder: Path, command: str, *, overwrite: bool, resume: bool) -> set[str]:
+def _check_existing(folder: Path, scope: tuple[str, ...] | None, *, overwrite: bool,
+                    resume: bool) -> set[str]:
     """The files of earlier lensforge runs in ``folder``; raises if any file is not one."""
-    files = _scan(folder)
+    files = _scan(folder, scope)
     manifest = _read_manifest(folder)
     ours: set[str] = set()
     if manifest is not None:
@@ -100,14 +106,23 @@ def _check_existing(folder: Path, command: str, *, overwrite: bool, resume: bool
     return ours
 
 
-def _scan(folder: Path) -> dict[str, float]:
-    """{relative path: mtime} of the files under ``folder``, hidden ones included, without
-    the manifest and without sub-folders that hold their own (another command's output)."""
+def _in_scope(name: str, scope: tuple[str, ...] | None) -> bool:
+    """Whether a top-level ``name`` is one the command writes (or a hidden sibling of one)."""
+    return scope is None or any(name == s or name.startswith(f".{s}.") for s in scope)
+
+
+def _scan(folder: Path, scope: tuple[str, ...] | None = None) -> dict[str, float]:
+    """{relative path: mtime} of the files under ``folder`` (hidden ones included) within
+    ``scope``, without the manifest and sub-folders holding their own (another output)."""
     found: dict[str, float] = {}
     for dirpath, dirnames, filenames in os.walk(folder):
         here = Path(dirpath)
-        dirnames[:] = [d for d in dirnames if not (here / d / MANIFEST).exists()]
+        top = here == folder
+        dirnames[:] = [d for d in dirnames if not (here / d / MANIFEST).exists()
+                       and (not top or _in_scope(d, scope))]
         for name in filenames:
+            if top and not _in_scope(name, scope):
+                continue
             path = here / name
             rel = path.relative_to(folder).as_posix()
             if not rel.startswith(MANIFEST):  # the manifest and its temporary copy
