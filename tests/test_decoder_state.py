@@ -68,3 +68,16 @@ def test_calm_policy_thresholds():
         CalmPolicy(1.5, 10.0)
     with pytest.raises(ConfigError):
         CalmPolicy(0.5, 10.0, patience=-1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_generation_uses_no_deprecated_keyword(family):
+    """transformers 5.x deprecates `past_key_values` (removed in 5.40): the decoder calls
+    the model and its layers with whatever keyword they name, so nothing warns."""
+    import warnings
+
+    adapter = ModelAdapter(build_tiny_model(family), model_id=f"tiny-{family}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        res = generate(adapter, LogitLens.from_model(adapter), IDS, 4, lam=0.0, stop_tokens=())
+    assert len(res.tokens) == 4
