@@ -146,3 +146,12 @@ def test_a_50_mb_line_stays_in_bounded_memory(tmp_path, suffix) -> None:
     finally:
         tracemalloc.stop()
     assert peak < 3 * MAX_JSONL_LINE_CHARS, f"peak {peak / 2**20:.0f} MiB"
+
+
+def test_alpaca_outputs_file_follows_the_same_policy(tmp_path) -> None:
+    from lensforge.data import alpaca_instructions
+
+    blob = tmp_path / "outputs.json"
+    blob.write_bytes(random.Random(SEED).randbytes(5000))
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        alpaca_instructions(blob)

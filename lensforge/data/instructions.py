@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from lensforge.data.sources import read_text_file
 from lensforge.errors import DataError
 
 ALPACA_EVAL_VERSION = "0.6.6"
@@ -114,12 +115,12 @@ def _read_outputs_json(path: Path) -> str:
     if path.is_dir():
         for candidate in (path / "example" / "outputs.json", path / "outputs.json"):
             if candidate.is_file():
-                return candidate.read_text(encoding="utf-8")
+                return read_text_file(candidate)
         raise DataError(f"{path} has no example/outputs.json; point at the file itself")
     if path.is_file():
         if path.name.endswith((".tar.gz", ".tgz")):
             return _extract_from_sdist(path)
-        return path.read_text(encoding="utf-8")
+        return read_text_file(path)
     raise DataError(f"AlpacaEval file {path} does not exist; check the path")
 
 
