@@ -10,8 +10,13 @@ from test_fast_loss import _hidden, _lenses, oracle_fp64, rel_err
 from torch import Tensor, nn
 
 from lensforge.lenses import LensConfig, TunedLens
-from lensforge.training.fast_loss import fused_kl_loss_backward
-from lensforge.training.subset_loss import subset_kl_loss_backward
+from lensforge.training.fast_loss import Workspace, fused_kl_loss_backward
+from lensforge.training.subset_loss import (
+    ChunkTarget,
+    SubsetKL,
+    subset_kl,
+    subset_kl_loss_backward,
+)
 
 RTOL = 1e-3
 
@@ -208,3 +213,23 @@ def test_heldout_kl_close_to_exact_training(tiny_adapter) -> None:
     init, exact, subset = heldout(base), train(False), train(True)
     assert exact < 0.8 * init, (init, exact)  # guard: training really moves the lens
     assert init - subset >= 0.85 * (init - exact), (init, exact, subset)
+
+
+@pytest.mark.parametrize("softcap,exact_cross", [(None, False), (None, True), (3.0, False)])
+def test_fused_function_matches_autograd_statement(softcap: float | None,
+                                                   exact_cross: bool) -> None:
+    """SubsetKL (gradient fused into forward) = subset_kl (plain autograd), at k < V."""
+    _, hs, final_h, unembed = _quirky_case(softcap, V=128)
+    w, b = unembed.weight.detach(), unembed.bias.detach()
+    target = ChunkTarget(final_h, unembed, w, b, 16, 24, 0.5,
+                         torch.Generator().manual_seed(0), Workspace(), exact_cross)
+    assert target.tail_idx is not None and (target.p_w is not None) == exact_cross
+    x = unembed.norm(hs).detach().requires_grad_(True)
+    y = x.detach().clone().requires_grad_(True)
+    up = torch.rand(hs.shape[:2], generator=torch.Generator().manual_seed(1))
+    fused = SubsetKL.apply(x, target, w, 0.8, softcap, True)
+    plain = subset_kl(y, target, w, 0.8, softcap)
+    (fused * up).sum().backward()
+    (plain * up).sum().backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-6)

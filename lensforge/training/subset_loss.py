@@ -92,6 +92,17 @@ class ChunkTarget:
             self.tail_idx = self.tail_logw = self.tail_p = None
             if k < V and tail_samples > 0:
                 self._sample_tail(p, V, tail_samples, uniform_mix, generator)
+            # W_U rows (and bias) of each token's head and of the shared tail, gathered
+            # once per chunk in the compute dtype; every layer and lens reuses them.
+            H = weight.shape[1]
+            self.w_head = weight.index_select(0, self.head_idx.flatten()).view(C, -1, H)
+            self.b_head = None if bias is None else bias.float()[self.head_idx]
+            self.w_tail = self.b_tail = self.tail_pw = None
+            if self.tail_idx is not None:
+                self.w_tail = weight.index_select(0, self.tail_idx)
+                self.b_tail = None if bias is None else bias.float()[self.tail_idx]
+                # Importance-weighted target probability of each sample (0 inside the head).
+                self.tail_pw = self.tail_p * self.tail_logw.exp()
 
     def _sample_tail(self, p: Tensor, V: int, m: int, uniform_mix: float,
                      generator: torch.Generator | None) -> None:
@@ -124,24 +135,23 @@ def _quirked(z: Tensor, bias: Tensor | None, scale: float, softcap: float | None
     return z
 
 
-def subset_kl(x: Tensor, target: ChunkTarget, weight: Tensor, bias: Tensor | None,
-              scale: float, softcap: float | None) -> Tensor:
-    """Estimated KL(p || q) per row: x [R, C, H] normed states -> [R, C] fp32 (autograd)."""
+def subset_kl(x: Tensor, target: ChunkTarget, weight: Tensor, scale: float,
+              softcap: float | None) -> Tensor:
+    """Estimated KL(p || q) per row: x [R, C, H] normed states -> [R, C] fp32.
+
+    The plain-autograd statement of the estimator: `SubsetKL` computes the same values
+    and gradient fused (fewer passes); tests check the two agree.
+    """
     R, C, H = x.shape
-    k = target.head_idx.shape[1]
     xc = x.to(weight.dtype)
-    w_head = weight.index_select(0, target.head_idx.flatten()).view(C, k, H)
-    b_head = None if bias is None else bias.float()[target.head_idx]  # [C, k]
     # Each token against its own head rows: [C, R, H] x [C, H, k] -> [C, R, k].
-    z_head = torch.bmm(xc.transpose(0, 1), w_head.transpose(1, 2)).transpose(0, 1)
-    z_head = _quirked(z_head, b_head, scale, softcap)  # [R, C, k]
+    z_head = torch.bmm(xc.transpose(0, 1), target.w_head.transpose(1, 2)).transpose(0, 1)
+    z_head = _quirked(z_head, target.b_head, scale, softcap)  # [R, C, k]
     parts = [z_head]
     z_tail = None
-    if target.tail_idx is not None:
-        w_tail = weight.index_select(0, target.tail_idx)  # [m, H]
-        b_tail = None if bias is None else bias.float()[target.tail_idx]
-        z_tail = _quirked((xc.reshape(R * C, H) @ w_tail.T).view(R, C, -1), b_tail, scale,
-                          softcap)
+    if target.w_tail is not None:
+        z_tail = _quirked((xc.reshape(R * C, H) @ target.w_tail.T).view(R, C, -1),
+                          target.b_tail, scale, softcap)
         parts.append(z_tail + target.tail_logw)
     log_z = torch.logsumexp(torch.cat(parts, -1), -1)  # [R, C]
     if target.p_w is not None:
@@ -152,8 +162,98 @@ def subset_kl(x: Tensor, target: ChunkTarget, weight: Tensor, bias: Tensor | Non
     else:
         pz = (z_head * target.head_p).sum(-1)
         if z_tail is not None:
-            pz = pz + (z_tail * (target.tail_p * target.tail_logw.exp())).sum(-1)
+            pz = pz + (z_tail * target.tail_pw).sum(-1)
     return target.neg_entropy - pz + log_z
+
+
+def _capped(z: Tensor, bias: Tensor | None, scale: float, softcap: float | None
+            ) -> tuple[Tensor, Tensor | None]:
+    """In-place quirks on fp32 logits; returns them and d(cap)/d(pre-cap) (or None)."""
+    if bias is not None:
+        z += bias
+    if scale != 1.0:
+        z *= scale
+    if softcap is None:
+        return z, None
+    z.div_(softcap).tanh_()
+    slope = 1.0 - z.square()  # d(cap·tanh(l/cap))/dl
+    return z.mul_(softcap), slope
+
+
+class SubsetKL(torch.autograd.Function):
+    """`subset_kl` with its gradient computed in the forward pass, as `UnembedKL` does:
+    one pass over the [R, C, k + m] logits gives the KL and dKL/dz, then two products
+    with the gathered W_U rows give dKL/dx [R, C, H], which backward only scales."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, target: ChunkTarget, weight: Tensor, scale: float,
+                softcap: float | None, need_grad: bool) -> Tensor:
+        R, C, H = x.shape
+        xc = x.detach().to(weight.dtype)
+        # [C, R, k], fp32: head logits, each token against its own rows.
+        zh, slope_h = _capped(
+            torch.bmm(xc.transpose(0, 1), target.w_head.transpose(1, 2)).float(),
+            None if target.b_head is None else target.b_head[:, None], scale, softcap)
+        mx = zh.amax(-1)  # [C, R]
+        zt = slope_t = lt = None
+        if target.w_tail is not None:
+            # [C, R, m] via the [R*C, m] GEMM, viewed token-major.
+            zt, slope_t = _capped((xc.reshape(R * C, H) @ target.w_tail.T).float()
+                                  .view(R, C, -1).transpose(0, 1), target.b_tail, scale,
+                                  softcap)
+            lt = zt + target.tail_logw[:, None]
+            mx = torch.maximum(mx, lt.amax(-1))
+        eh = (zh - mx[..., None]).exp_()
+        total = eh.sum(-1)
+        et = None
+        if lt is not None:
+            et = lt.sub_(mx[..., None]).exp_()
+            total += et.sum(-1)
+        lse = mx + total.log()
+        if target.p_w is not None:
+            pz = torch.einsum("rch,ch->cr", x.detach().float(), target.p_w)
+            if target.p_b is not None:
+                pz += target.p_b[:, None]
+            pz *= scale
+        else:
+            pz = (zh * target.head_p[:, None]).sum(-1)
+            if zt is not None:
+                pz += (zt * target.tail_pw[:, None]).sum(-1)
+        kl = (target.neg_entropy[:, None] - pz + lse).T  # [R, C]
+        grad = None
+        if need_grad:
+            inv = total.reciprocal()[..., None]
+            gh = eh.mul_(inv)  # q over the head (self-normalized), then minus p
+            if target.p_w is None:
+                gh.sub_(target.head_p[:, None])
+            if slope_h is not None:
+                gh.mul_(slope_h)
+            grad = torch.bmm(gh.to(weight.dtype), target.w_head).float()  # [C, R, H]
+            if et is not None:
+                gt = et.mul_(inv)
+                if target.p_w is None:
+                    gt.sub_(target.tail_pw[:, None])
+                if slope_t is not None:
+                    gt.mul_(slope_t)
+                # [C, R, m] -> [R*C, m] rows in x's order for one GEMM.
+                gt = gt.transpose(0, 1).reshape(R * C, -1).to(weight.dtype)
+                grad = grad.transpose(0, 1) + (gt @ target.w_tail).float().view(R, C, H)
+            else:
+                grad = grad.transpose(0, 1)
+            if target.p_w is not None:
+                grad = grad - target.p_w  # d(-Σ p z)/dx without the scale, applied next
+            if scale != 1.0:
+                grad = grad * scale
+        ctx.save_for_backward(grad)
+        ctx.x_dtype = x.dtype
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl: Tensor) -> tuple:
+        (grad,) = ctx.saved_tensors
+        if grad is None:
+            raise RuntimeError("SubsetKL was run without need_grad; cannot backpropagate")
+        return (grad * grad_kl[..., None]).to(ctx.x_dtype), None, None, None, None, None
 
 
 def subset_kl_loss_backward(
@@ -221,7 +321,8 @@ def subset_kl_loss_backward(
         with torch.set_grad_enabled(backward and torch.is_grad_enabled()):
             states = torch.cat([lenses[n].transform_all(h) for n in names])  # [nL*L, C, H]
             normed = unembed.norm(states.to(model_dtype))
-            kl = subset_kl(normed, target, weight, bias, scale_logit, softcap)
+            need_grad = normed.requires_grad
+            kl = SubsetKL.apply(normed, target, weight, scale_logit, softcap, need_grad)
             per_layer = kl.view(len(names), L, -1).sum(-1)  # [nL, L]
             if not torch.isfinite(per_layer).all():
                 bad = torch.nonzero(~torch.isfinite(per_layer))[0].tolist()
@@ -229,7 +330,7 @@ def subset_kl_loss_backward(
                     f"non-finite loss at layer {bad[1]} of lens '{names[bad[0]]}'; lower the "
                     "learning rate or use --dtype float32"
                 )
-            if per_layer.requires_grad:
+            if need_grad:
                 (per_layer.sum() * (scale / N)).backward()
         totals += per_layer.detach().double().cpu()
     return {name: (totals[i] / N).float() for i, name in enumerate(names)}
