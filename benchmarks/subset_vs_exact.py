@@ -25,6 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lensforge.lenses import LensConfig, TunedLens  # noqa: E402
+from lensforge.lenses.readout import Readout  # noqa: E402
 from lensforge.training.fast_loss import fused_kl_loss_backward  # noqa: E402
 from lensforge.training.subset_loss import subset_kl_loss_backward  # noqa: E402
 
@@ -88,19 +89,23 @@ def main() -> None:
     print(f"shapes: L={L} H={H} V={V} N={N}; subset k={args.k} m={args.tail_samples}")
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
+        # As the training loop does: one readout owns the converted W_U and the buffers.
+        readout = Readout(unembed, compute_dtype=dtype)
 
-        def exact(dtype: torch.dtype = dtype, warmup: bool = False) -> dict:
+        def exact(dtype: torch.dtype = dtype, readout: Readout = readout,
+                  warmup: bool = False) -> dict:
             lens.zero_grad(set_to_none=True)
             n = min(N, 64) if warmup else N
             return fused_kl_loss_backward(lenses, hs[:, :n], final_h[:n], unembed,
-                                          compute_dtype=dtype)
+                                          compute_dtype=dtype, readout=readout)
 
-        def subset(dtype: torch.dtype = dtype, exact_cross: bool = False,
+        def subset(dtype: torch.dtype = dtype, readout: Readout = readout,
+                   exact_cross: bool = False,
                    warmup: bool = False) -> dict:
             lens.zero_grad(set_to_none=True)
             n = min(N, 64) if warmup else N
             return subset_kl_loss_backward(lenses, hs[:, :n], final_h[:n], unembed,
-                                           compute_dtype=dtype,
+                                           compute_dtype=dtype, readout=readout,
                                            k=args.k, tail_samples=args.tail_samples,
                                            exact_cross=exact_cross,
                                            generator=torch.Generator().manual_seed(1))

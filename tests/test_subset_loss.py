@@ -10,6 +10,7 @@ from test_fast_loss import _hidden, _lenses, oracle_fp64, rel_err
 from torch import Tensor, nn
 
 from lensforge.lenses import LensConfig, TunedLens
+from lensforge.lenses.readout import Readout
 from lensforge.training.fast_loss import Workspace, fused_kl_loss_backward
 from lensforge.training.subset_loss import (
     ChunkTarget,
@@ -36,7 +37,8 @@ def test_k_equal_vocab_is_exact(family: str, exact_cross: bool, tiny_adapter,
     want = fused_kl_loss_backward(twins, hs, final_h, adapter.unembed, scale=0.5)
     got = subset_kl_loss_backward(lenses, hs, final_h, adapter.unembed, scale=0.5,
                                   k=adapter.vocab_size, token_chunk=5,
-                                  exact_cross=exact_cross, generator=torch.Generator().manual_seed(0))
+                                  exact_cross=exact_cross, readout=Readout(adapter.unembed),
+                                  generator=torch.Generator().manual_seed(0))
     for name in lenses:
         assert rel_err(got[name], want[name]) <= RTOL, (name, got[name], want[name])
         for p, q in zip(lenses[name].parameters(), twins[name].parameters(), strict=True):
@@ -233,3 +235,13 @@ def test_fused_function_matches_autograd_statement(softcap: float | None,
     (plain * up).sum().backward()
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_accepts_every_fused_loss_argument() -> None:
+    """Drop-in: every parameter of the fused loss is a parameter of the subset loss."""
+    import inspect
+
+    fused = inspect.signature(fused_kl_loss_backward).parameters
+    subset = inspect.signature(subset_kl_loss_backward).parameters
+    for name, param in fused.items():
+        assert name in subset and subset[name].kind == param.kind, name

@@ -46,13 +46,12 @@ from torch import Tensor
 
 from lensforge.errors import NonFiniteError
 from lensforge.lenses.base import Lens
+from lensforge.lenses.readout import Readout
 from lensforge.training import fast_loss
 
 DEFAULT_K = 128
 DEFAULT_TAIL_SAMPLES = 256
 DEFAULT_UNIFORM_MIX = 0.5
-
-_WORKSPACE = fast_loss.Workspace()
 
 
 class ChunkTarget:
@@ -273,6 +272,7 @@ def subset_kl_loss_backward(
     generator: torch.Generator | None = None,
     block_bytes: int | None = None,
     workspace: fast_loss.Workspace | None = None,
+    readout: Readout | None = None,
 ) -> dict[str, Tensor]:
     """Drop-in for `fast_loss.fused_kl_loss_backward` with the subset KL estimate.
 
@@ -285,7 +285,8 @@ def subset_kl_loss_backward(
     soft-cap only) instead of head-exact + sampled tail (the default: faster, and it
     trained to a lower held-out KL in tests/test_subset_loss.py); `generator`: seeds
     the tail draws (same seed, same loss and gradients). See the module docstring for
-    the estimator and its bias.
+    the estimator and its bias. `token_chunk`, `compute_dtype`, `block_bytes`,
+    `workspace`, `readout`: as in the fused loss.
     """
     L, N, H = hs.shape
     names = list(lenses)
@@ -297,7 +298,7 @@ def subset_kl_loss_backward(
         # α > 0 keeps every tail id drawable, which unbiasedness of Ẑ needs.
         raise ValueError(f"uniform_mix must be in (0, 1], got {uniform_mix}")
     dtype = fast_loss.compute_dtype_for(unembed, compute_dtype)
-    weight = fast_loss.unembed_weight(unembed, dtype)
+    weight = fast_loss.unembed_weight(unembed, dtype, readout)
     bias = None if unembed.bias is None else unembed.bias.detach()
     scale_logit, softcap = fast_loss._quirks(unembed)
     V = weight.shape[0]
@@ -312,7 +313,8 @@ def subset_kl_loss_backward(
     chunk = max(1, min(token_chunk, N, block_bytes // (V * 4)))
     model_dtype = unembed.weight.dtype
     totals = torch.zeros(len(names), L, dtype=torch.float64)
-    ws = workspace if workspace is not None else _WORKSPACE
+    # As in the fused loss: the readout's buffers when the caller keeps one, else this call's.
+    ws = workspace or (readout.workspace if readout is not None else fast_loss.Workspace())
     for start in range(0, N, chunk):
         sl = slice(start, min(N, start + chunk))
         target = ChunkTarget(final_h[sl], unembed, weight, bias, k, tail_samples, uniform_mix,
