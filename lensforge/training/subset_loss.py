@@ -22,7 +22,9 @@ row r (a layer of a lens) and token t, with target p_t and lens logits z = quirk
 
 Cost per lens row: a batched [1, H] x [H, k] product per token (each token's own head
 rows of W_U, gathered once per chunk) and one [rows, H] x [H, m] GEMM for the shared
-tail, forward and backward (by autograd): ~2H(k+m) multiply-adds instead of 2HV.
+tail, forward and backward: ~2H(k+m) multiply-adds instead of 2HV. `SubsetKL` computes
+dKL/dx in the forward pass (as `fast_loss.UnembedKL` does); `subset_kl` is the same
+estimator in plain autograd, kept as its readable statement and test oracle.
 
 Bias (stated plainly; the held-out KL is always measured exactly, never with this):
 * log Ẑ is the log of an unbiased estimate, so E[log Ẑ] <= log Z (Jensen): the loss
