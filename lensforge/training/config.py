@@ -42,14 +42,20 @@ class TrainConfig:
     device: str = "cpu"
     checkpoint_every: int = 10
     token_chunk: int = 2048
-    loss: str = "fused"  # "fused" (fast_loss.py) | "reference" (loss.py, the oracle)
+    # "fused": exact KL (fast_loss.py); "subset": top-k + sampled-tail estimate
+    # (subset_loss.py); "reference": loss.py, the slow oracle.
+    loss: str = "fused"
+    subset_k: int = 128  # target top-k tokens per token of the subset loss
+    subset_tail: int = 256  # sampled tail ids per token chunk of the subset loss
     out: str = "runs/train"
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZER_DEFAULTS:
             raise ConfigError(f"--optimizer must be one of {sorted(OPTIMIZER_DEFAULTS)}")
-        if self.loss not in ("fused", "reference"):
-            raise ConfigError("--loss must be 'fused' or 'reference'")
+        if self.loss not in ("fused", "subset", "reference"):
+            raise ConfigError("--loss must be 'fused', 'subset' or 'reference'")
+        if self.subset_k < 1 or self.subset_tail < 1:
+            raise ConfigError("--subset-k and --subset-tail must be >= 1")
         if self.init not in ("closed-form", "zero"):
             raise ConfigError("--init must be 'closed-form' or 'zero'")
         for t in self.lens_types:

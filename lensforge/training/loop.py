@@ -30,6 +30,7 @@ from lensforge.training.closed_form import MomentAccumulator, closed_form_init
 from lensforge.training.config import TrainConfig
 from lensforge.training.fast_loss import fused_kl_loss_backward
 from lensforge.training.loss import kl_loss_backward
+from lensforge.training.subset_loss import subset_kl_loss_backward
 
 CHECKPOINT = "checkpoint"
 # Test/debug knob: seconds to sleep after each step, so a kill can land mid-run.
@@ -201,12 +202,12 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = cfg.optimizer_settings()["lr"] * lr_factor(step, cfg, plan.total_steps)
         step_kl = {name: torch.zeros(adapter.n_layers) for name in lenses}
-        for _ in range(plan.accumulation):
+        for micro in range(plan.accumulation):
             batch = _next_batch(rows, cfg, tokens_done)
             hs = adapter.hidden_states(batch)
             layer_h, final_h = split_hidden(hs, adapter.n_layers)
             kls = _loss(cfg, lenses, layer_h, final_h, adapter.unembed, readout,
-                        scale=1.0 / plan.accumulation)
+                        scale=1.0 / plan.accumulation, draw=(step, micro, rank))
             for name, kl in kls.items():
                 step_kl[name] += kl / plan.accumulation
             tokens_done += batch.numel() * world
@@ -254,11 +255,23 @@ def train(
 
 
 def _loss(cfg: TrainConfig, lenses: dict, layer_h: Tensor, final_h: Tensor,
-          unembed: torch.nn.Module, readout: Readout, *, scale: float) -> dict[str, Tensor]:
-    """One micro-batch of the configured KL loss, gradients accumulated into the lenses."""
+          unembed: torch.nn.Module, readout: Readout, *, scale: float,
+          draw: tuple[int, int, int] = (0, 0, 0)) -> dict[str, Tensor]:
+    """One micro-batch of the configured KL loss, gradients accumulated into the lenses.
+
+    `draw` (step, micro-batch, rank) seeds the subset loss's tail samples, so a resumed
+    run draws exactly what the uninterrupted one would have."""
     if cfg.loss == "reference":
         return kl_loss_backward(lenses, layer_h, final_h, unembed, scale=scale,
                                 token_chunk=cfg.token_chunk)
+    if cfg.loss == "subset":
+        step, micro, rank = draw
+        gen = torch.Generator(device=layer_h.device).manual_seed(
+            hash((cfg.seed, step, micro, rank)) % 2**63)
+        return subset_kl_loss_backward(lenses, layer_h, final_h, unembed, scale=scale,
+                                       token_chunk=cfg.token_chunk, k=cfg.subset_k,
+                                       tail_samples=cfg.subset_tail, generator=gen,
+                                       workspace=readout.workspace)
     return fused_kl_loss_backward(lenses, layer_h, final_h, unembed, scale=scale,
                                   token_chunk=cfg.token_chunk, readout=readout)
 
