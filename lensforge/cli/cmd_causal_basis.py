@@ -10,7 +10,13 @@ import torch
 from safetensors.torch import save_file
 
 from lensforge.analysis.causal_basis import ABLATIONS, causal_basis_report, plot_causal_fidelity
-from lensforge.cli.common import add_data_args, add_model_args, load_model_from_args, positive
+from lensforge.cli.common import (
+    HelpFormatter,
+    add_data_args,
+    add_model_args,
+    load_model_from_args,
+    positive,
+)
 from lensforge.data import PackedTokenStream, iter_documents
 from lensforge.errors import ConfigError
 from lensforge.lenses import load_lens
@@ -24,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "direction's influence on the model's final output when ablated in the "
                     "residual stream (Spearman per layer). Writes OUT/causal_basis.json, "
                     "causal_basis.csv, bases.safetensors and fidelity.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_model_args(p)
     add_data_args(p, default="stdlib:heldout")
@@ -33,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="use a lens trained for another model")
     p.add_argument("--tokens", type=positive, default=2048, help="tokens of cached h_l")
     p.add_argument("--layers", default=None,
-                   help="comma-separated layers, or 'every:N' (default: every 5th)")
+                   help="comma-separated layers, or 'every:N'")
     p.add_argument("-k", "--k", type=positive, default=8, help="directions per layer")
     p.add_argument("--ablation", choices=ABLATIONS, default="mean")
     p.add_argument("--steps", type=int, default=200, help="Adam steps per direction")

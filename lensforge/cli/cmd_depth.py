@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lensforge.analysis.depth import depth_study
 from lensforge.cli.common import (
+    HelpFormatter,
     add_data_args,
     add_model_args,
     load_model_from_args,
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "model's final top-1 at every later layer (L if never); per-sequence means; "
                     "Spearman correlation with the model's per-token loss, for each lens. "
                     "Writes OUT/depth.json, depth_tokens.csv and depth.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("lenses", nargs="*", help="lens folders, as PATH or NAME=PATH "
                                              "(the logit lens is always included)")

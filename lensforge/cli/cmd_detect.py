@@ -12,7 +12,13 @@ from lensforge.analysis.injection import (
     instruction_pairs,
     multiple_choice_pairs,
 )
-from lensforge.cli.common import add_model_args, load_model_from_args, parse_lens_specs, positive
+from lensforge.cli.common import (
+    HelpFormatter,
+    add_model_args,
+    load_model_from_args,
+    parse_lens_specs,
+    positive,
+)
 from lensforge.lenses import LogitLens, load_lens
 
 
@@ -24,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "clean prompts only and reports AUROC (bootstrap CI) on held-out clean vs "
                     "injected prompts, against a Mahalanobis baseline on the final hidden "
                     "state. Writes OUT/detect.json, detect.csv and detect.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("lenses", nargs="*", help="lens folders, as PATH or NAME=PATH "
                                              "(the logit lens is always included)")
@@ -33,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="templated multiple-choice questions, or AlpacaEval instructions")
     p.add_argument("--n", type=positive, default=200, help="prompt pairs")
     p.add_argument("--features", choices=("answer", "kl", "both"), default=None,
-                   help="per-layer features (default: answer for mc, kl for alpaca)")
+                   help="per-layer features")
     p.add_argument("--train-fraction", type=float, default=0.5,
                    help="share of clean prompts used to fit the detectors")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CI")

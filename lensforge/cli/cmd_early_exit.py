@@ -9,7 +9,13 @@ from pathlib import Path
 
 from lensforge.analysis.early_exit_eval import collect_exit_records, exit_curve
 from lensforge.cli.cmd_transfer import add_sequence_args, sequences_from_args
-from lensforge.cli.common import add_model_args, load_model_from_args, parse_lens_specs, positive
+from lensforge.cli.common import (
+    HelpFormatter,
+    add_model_args,
+    load_model_from_args,
+    parse_lens_specs,
+    positive,
+)
 from lensforge.errors import ConfigError
 from lensforge.lenses import LogitLens, load_lens
 from lensforge.viz.paper_figures import plot_early_exit
@@ -25,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "recorded lens outputs; for real layer-skipping generation see "
                     "`lensforge generate`. Writes OUT/early_exit.json, early_exit.csv and "
                     "early_exit.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("lenses", nargs="*", help="lens folders, as PATH or NAME=PATH "
                                              "(the logit lens is always added)")

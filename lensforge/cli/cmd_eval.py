@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from lensforge.cli.common import (
+    HelpFormatter,
     add_data_args,
     add_model_args,
     load_model_from_args,
@@ -29,13 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="KL to the final layer, cross-entropy, entropy, Precision@1/5 and surprisal "
                     "per layer for each lens (logit lens always included); RAF against a "
                     "reference. Writes OUT/metrics.json, metrics.csv and layers.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("lenses", nargs="*", help="lens folders, as PATH or NAME=PATH")
     add_model_args(p)
     add_data_args(p, default="stdlib:heldout")
     p.add_argument("--tokens", type=positive, default=16_384, help="evaluation tokens")
-    p.add_argument("--reference", help="lens name to compute RAF against (default: tuned if any)")
+    p.add_argument("--reference", help="lens name to compute RAF against")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="use lenses trained for another model (transfer)")
     p.add_argument("--out", default="runs/eval", help="output folder")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lensforge.cli.common import add_model_args, load_model_from_args, positive
+from lensforge.cli.common import HelpFormatter, add_model_args, load_model_from_args, positive
 from lensforge.early_exit import generate
 from lensforge.early_exit.rule import check_lambda
 from lensforge.errors import ConfigError
@@ -19,14 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "rule (exit when p(top1) - p(top2) > 0.9*lambda + 0.1*exp(-4i/N)); exited "
                     "tokens skip the remaining blocks, whose KV cache is filled from the exit "
                     "state. Prints the text and exit/speed statistics.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("prompt", help="prompt text")
     p.add_argument("--lens", help="lens folder (or 'logit'); required unless --lambda off")
     p.add_argument("--lambda", dest="lam", default="0.9",
                    help="CALM λ in [0, 1] (higher = stricter, fewer exits), or 'off'")
     p.add_argument("--exit-every", type=positive, default=None,
-                   help="check the lens only after every m-th block (default: every block)")
+                   help="check the lens only after every m-th block")
     p.add_argument("--exit-layers", type=positive, nargs="+", default=None,
                    help="residual indices j (exit after block j-1) to check, instead of "
                         "--exit-every")

@@ -15,7 +15,7 @@ from lensforge.analysis.memory import (
     memory_table,
     reduction_percent,
 )
-from lensforge.cli.common import add_model_args, load_model_from_args, positive
+from lensforge.cli.common import HelpFormatter, add_model_args, load_model_from_args, positive
 from lensforge.errors import ConfigError
 from lensforge.viz.paper_figures import plot_memory
 
@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "of a tuned lens and a LoRA-Lens, for published configs and any "
                     "config.json; with --measure also trains each lens type one step on "
                     "--model and measures it. Writes OUT/memory.json, memory.csv, memory.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--config", nargs="*", default=[], metavar="[NAME=]PATH",
                    help="Hugging Face config.json files (or model folders) to add")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lensforge.cli.common import positive
+from lensforge.cli.common import HelpFormatter, positive
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,10 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "prediction-trajectory grids of held-out samples (loads the run's model; "
                     "skip with --no-samples), configuration and timings, in one HTML file "
                     "that opens without network.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("run_dir", help="folder written by `lensforge run` or `lensforge eval`")
-    p.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
+    p.add_argument("--out", help="output file")
     p.add_argument("--no-samples", action="store_true",
                    help="no trajectory grids (does not load the model)")
     p.add_argument("--samples", type=positive, default=3, help="held-out samples shown")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from lensforge.cli.cmd_eval import evaluate_to_folder
-from lensforge.cli.common import add_model_args, load_model_from_args, positive
+from lensforge.cli.common import HelpFormatter, add_model_args, load_model_from_args, positive
 from lensforge.cli.outdir import claim_out_dir
 from lensforge.data.sources import check_source
 from lensforge.training import TrainConfig, train
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train a LoRA-Lens (k=32) on the built-in model and corpus, evaluate it "
                     "against the logit lens on held-out text, write lenses, metrics, plot and "
                     "an HTML report into OUT.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_model_args(p)
     p.add_argument("--data", default="general",

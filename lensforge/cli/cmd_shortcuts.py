@@ -8,7 +8,12 @@ from pathlib import Path
 
 from lensforge.analysis.shortcuts import shortcut_analysis
 from lensforge.cli.cmd_transfer import add_sequence_args, sequences_from_args
-from lensforge.cli.common import add_model_args, load_model_from_args, parse_lens_specs
+from lensforge.cli.common import (
+    HelpFormatter,
+    add_model_args,
+    load_model_from_args,
+    parse_lens_specs,
+)
 from lensforge.lenses import load_lens
 from lensforge.metrics import write_layer_metrics
 from lensforge.viz.curves import plot_layer_curves
@@ -22,10 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "greedy reply when --new-tokens > 0, else on every position), and each "
                     "lens's mean difference to a reference lens. Writes OUT/shortcuts.json, "
                     "metrics.json/csv and shortcuts.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("lenses", nargs="*", help="lens folders, as PATH or NAME=PATH")
-    p.add_argument("--reference", help="lens to compare against (default: a tuned lens)")
+    p.add_argument("--reference", help="lens to compare against")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="use lenses trained for another model (e.g. base lenses on instruct)")
     add_model_args(p)

@@ -6,6 +6,7 @@ import argparse
 
 from lensforge.analysis.trajectory import STATS, PredictionTrajectory
 from lensforge.cli.common import (
+    HelpFormatter,
     add_model_args,
     check_out_path,
     load_model_from_args,
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "for the logit lens and any trained lenses. Writes a self-contained HTML "
                     "page (hover for the top-5, switch lens/statistic, compare two lenses side "
                     "by side) and optionally a PNG of the same grid.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("text", nargs="?", help="the text (or use --file)")
     p.add_argument("--file", help="read the text from this file ('-' = stdin)")
@@ -36,8 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", help="also write the trajectory data as JSON here")
     p.add_argument("--stat", default="entropy", choices=list(STATS),
                    help="statistic the cells are colored by (switchable in the page)")
-    p.add_argument("--compare", help="lens shown side by side in the page (default: logit "
-                                     "when another lens is given)")
+    p.add_argument("--compare", help="lens shown side by side in the page")
     p.add_argument("--top-k", type=positive, default=5, help="tokens kept per cell")
     p.add_argument("--max-tokens", type=positive, default=256, help="clip the text to this")
     p.add_argument("--window", type=positive, help="context per forward pass for long texts")

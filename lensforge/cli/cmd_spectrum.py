@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from lensforge.analysis.spectrum import lens_spectrum, write_spectrum
-from lensforge.cli.common import parse_lens_specs
+from lensforge.cli.common import HelpFormatter, parse_lens_specs
 from lensforge.errors import ConfigError
 from lensforge.lenses import load_lens
 from lensforge.viz.paper_figures import plot_spectrum
@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "top 50%% of singular values, components for 90%% energy and participation "
                     "ratio of each lens's translator (tuned: W_l; LoRA: A_l B_l). Needs no "
                     "model. Writes OUT/spectrum.json, spectrum.csv and spectrum.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("lenses", nargs="+", help="lens folders, as PATH or NAME=PATH")
     p.add_argument("--out", default="runs/spectrum", help="output folder")

@@ -8,7 +8,13 @@ import json
 from pathlib import Path
 
 from lensforge.analysis.static import static_study
-from lensforge.cli.common import add_model_args, load_model_from_args, parse_lens_specs, positive
+from lensforge.cli.common import (
+    HelpFormatter,
+    add_model_args,
+    load_model_from_args,
+    parse_lens_specs,
+    positive,
+)
 from lensforge.errors import ConfigError
 from lensforge.lenses import LogitLens, load_lens
 
@@ -22,13 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "per-head OV singular vectors; coherence = mean pairwise cosine of the "
                     "tokens' input embeddings, against random vectors, per lens. "
                     "Writes OUT/static.json, static.csv and static.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("lenses", nargs="*", help="lens folders, as PATH or NAME=PATH "
                                              "(the logit lens is always included)")
     add_model_args(p)
     p.add_argument("--layers", default=None,
-                   help="comma-separated block indices (default: 4 evenly spaced)")
+                   help="comma-separated block indices")
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: " + ", ".join(KINDS))
     p.add_argument("--top-k", type=positive, default=10, help="tokens per list")
     p.add_argument("--singular", type=positive, default=4, help="singular vectors per head")

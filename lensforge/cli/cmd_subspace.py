@@ -14,6 +14,7 @@ from lensforge.analysis.subspace import (
 )
 from lensforge.cli.cmd_causal_basis import parse_layers, token_batches
 from lensforge.cli.common import (
+    HelpFormatter,
     add_data_args,
     add_model_args,
     load_model_from_args,
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "and the same two projections removed from h_l in the model's residual "
                     "stream (KL of the model's final output). Projections act before the final "
                     "norm. Writes OUT/subspace.json, subspace.csv and subspace.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("lenses", nargs="*", help="lens folders as PATH or NAME=PATH "
                                              "(default: the logit lens)")
@@ -46,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "sum(sigma^2) (default 0.5 when -m is not given)")
     p.add_argument("--tokens", type=positive, default=4096, help="evaluation tokens (lens space)")
     p.add_argument("--residual-tokens", type=positive, default=None,
-                   help="tokens for the model-residual ablations (default: --tokens)")
+                   help="tokens for the model-residual ablations")
     p.add_argument("--residual-layers", default="all",
                    help="layers for the residual-stream ablations: 'all', 'every:N' or a list; "
                         "'none' to skip")

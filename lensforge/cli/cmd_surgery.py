@@ -8,7 +8,13 @@ from pathlib import Path
 
 from lensforge.analysis.surgery import gradient_alignment, identity_ablation_losses, plot_surgery
 from lensforge.cli.cmd_causal_basis import token_batches
-from lensforge.cli.common import add_data_args, add_model_args, load_model_from_args, positive
+from lensforge.cli.common import (
+    HelpFormatter,
+    add_data_args,
+    add_model_args,
+    load_model_from_args,
+    positive,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "the cosine between each block's residual update h_{l+1} - h_l and the loss "
                     "gradient at h_l, with a random-vector baseline (Tuned Lens Appendix C, "
                     "Fig. 19). Writes OUT/surgery.json, surgery.csv and surgery.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_model_args(p)
     add_data_args(p, default="stdlib:heldout")

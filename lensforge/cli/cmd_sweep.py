@@ -8,7 +8,13 @@ import json
 from pathlib import Path
 
 from lensforge.analysis.sweep import DEFAULT_KS, run_sweep
-from lensforge.cli.common import add_data_args, add_model_args, load_model_from_args, positive
+from lensforge.cli.common import (
+    HelpFormatter,
+    add_data_args,
+    add_model_args,
+    load_model_from_args,
+    positive,
+)
 from lensforge.metrics import write_layer_metrics
 from lensforge.training import OPTIMIZER_DEFAULTS, TrainConfig
 from lensforge.viz.curves import plot_layer_curves
@@ -24,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "RAF against the tuned lens and parameter counts. Writes OUT/sweep.json, "
                     "sweep.csv, metrics.json/csv, raf_vs_params.png (Fig. 2), "
                     "kl_per_layer.png (Fig. 3) and the lenses under OUT/train/lenses/.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_model_args(p)
     add_data_args(p)
@@ -34,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="held-out text for the evaluation (same forms as --data)")
     p.add_argument("--eval-tokens", type=positive, default=8192, help="evaluation tokens")
     p.add_argument("--eval-seq-len", type=positive,
-                   help="tokens per evaluation sequence (default: --seq-len)")
+                   help="tokens per evaluation sequence")
     p.add_argument("--resume", action="store_true",
                    help="continue (or reuse, once finished) the training run in OUT/train")
     p.add_argument("--init-tokens", type=int, default=d.init_tokens,
@@ -43,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="KL fine-tuning tokens (0: closed form only)")
     p.add_argument("--tokens-per-step", type=positive, default=d.tokens_per_step)
     p.add_argument("--optimizer", choices=sorted(OPTIMIZER_DEFAULTS), default=d.optimizer)
-    p.add_argument("--lr", type=float, help="learning rate (default: optimizer's)")
+    p.add_argument("--lr", type=float, help="learning rate (unset: the optimizer's, adamw 1e-3, sgd 0.1)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default="runs/sweep", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from lensforge.cli.common import add_data_args, add_model_args, load_model_from_args, positive
+from lensforge.cli.common import (
+    HelpFormatter,
+    add_data_args,
+    add_model_args,
+    load_model_from_args,
+    positive,
+)
 from lensforge.cli.outdir import claim_out_dir
 from lensforge.data.sources import check_source
 from lensforge.errors import ConfigError
@@ -27,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Train lenses against the model's final distribution (KL), starting from "
                     "the closed-form least-squares fit. Writes OUT/lenses/<name>/ and "
                     "OUT/checkpoint/ (resumable).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_model_args(p)
     add_data_args(p)
@@ -45,8 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--ridge", type=float, default=d.ridge, help="relative ridge penalty")
     g.add_argument("--optimizer", choices=sorted(OPTIMIZER_DEFAULTS), default=d.optimizer,
                    help=f"defaults: {OPTIMIZER_DEFAULTS}")
-    g.add_argument("--lr", type=float, help="learning rate (default: optimizer's)")
-    g.add_argument("--weight-decay", type=float, help="weight decay (default: optimizer's)")
+    g.add_argument("--lr", type=float, help="learning rate (unset: the optimizer's, adamw 1e-3, sgd 0.1)")
+    g.add_argument("--weight-decay", type=float, help="weight decay (unset: the optimizer's, adamw 0, sgd 1e-3)")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD Nesterov momentum")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     g.add_argument("--tokens", type=int, default=d.tokens,

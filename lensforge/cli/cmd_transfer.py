@@ -7,7 +7,13 @@ import json
 from pathlib import Path
 
 from lensforge.analysis.transfer import EvalSequence, load_sequences, transfer_eval
-from lensforge.cli.common import add_model_args, load_model_from_args, parse_lens_specs, positive
+from lensforge.cli.common import (
+    HelpFormatter,
+    add_model_args,
+    load_model_from_args,
+    parse_lens_specs,
+    positive,
+)
 from lensforge.lenses import load_lens
 from lensforge.metrics import write_layer_metrics
 from lensforge.viz.curves import plot_layer_curves
@@ -44,12 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "reports per-layer KL and RAF against a native reference (scored on the greedy "
                     "reply when --new-tokens > 0, else on every position). Writes "
                     "OUT/metrics.json/csv, transfer.json and transfer_kl.png.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("lenses", nargs="+", help="lenses trained on model A, as PATH or NAME=PATH")
     p.add_argument("--native", nargs="*", default=[],
                    help="lenses trained on model B itself, as PATH or NAME=PATH")
-    p.add_argument("--reference", help="native lens to compute RAF against (default: tuned)")
+    p.add_argument("--reference", help="native lens to compute RAF against")
     add_model_args(p)
     add_sequence_args(p)
     p.add_argument("--out", default="runs/transfer", help="output folder")

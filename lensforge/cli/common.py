@@ -21,8 +21,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     g.add_argument("--dtype", default="auto",
                    help="model dtype: auto (bf16 on GPU or a CPU with bf16 hardware, else "
-                        "float32), float32 or bfloat16 (default: %(default)s)")
-    g.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+                        "float32), float32 or bfloat16")
+    g.add_argument("--device", default="cpu", help="torch device")
     g.add_argument("--online", action="store_true",
                    help="let a hub id that is not in the local Hugging Face cache download")
     g.add_argument("--layers-path", help="dotted path of the block list, for unusual models")
@@ -37,16 +37,30 @@ def load_model_from_args(args: argparse.Namespace) -> ModelAdapter:
                       online=getattr(args, "online", False))
 
 
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every subcommand's --help: a default printed once, and only when it says something
+    (not for None, flags that are off, or help text that already states one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower():
+            return text
+        if action.default in (None, False, argparse.SUPPRESS) or action.default == []:
+            return text
+        return super()._get_help_string(action)
+
+
 def add_data_args(p: argparse.ArgumentParser, *, default: str = "stdlib") -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default=default,
                    help="text: .txt/.jsonl/.parquet file or folder (.gz ok), a Hugging Face "
-                        "dataset name, or 'stdlib' (built-in corpus) (default: %(default)s)")
-    g.add_argument("--text-field", default="text", help="jsonl/parquet field (default: text)")
+                        "dataset name, or 'stdlib' (built-in corpus)")
+    g.add_argument("--text-field", default="text", help="jsonl/parquet field")
     g.add_argument("--seq-len", type=positive, default=512,
-                   help="tokens per sequence (default: 512)")
+                   help="tokens per sequence")
     g.add_argument("--batch-size", type=positive, default=4,
-                   help="sequences per batch (default: 4)")
+                   help="sequences per batch")
 
 
 def preflight(args: argparse.Namespace) -> None:
