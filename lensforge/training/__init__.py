@@ -1,6 +1,6 @@
 """Lens training: closed-form initialization, then KL fine-tuning."""
 
 from lensforge.training.config import OPTIMIZER_DEFAULTS, TrainConfig
-from lensforge.training.loop import TrainResult, build_lenses, train
+from lensforge.training.loop import StepEvent, TrainResult, build_lenses, train
 
-__all__ = ["OPTIMIZER_DEFAULTS", "TrainConfig", "TrainResult", "build_lenses", "train"]
+__all__ = ["OPTIMIZER_DEFAULTS", "StepEvent", "TrainConfig", "TrainResult", "build_lenses", "train"]

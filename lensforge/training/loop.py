@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,8 +32,6 @@ from lensforge.training.loss import kl_loss_backward
 from lensforge.training.subset_loss import subset_kl_loss_backward
 
 CHECKPOINT = "checkpoint"
-# Test/debug knob: seconds to sleep after each step, so a kill can land mid-run.
-_STEP_SLEEP = float(os.environ.get("LENSFORGE_TEST_STEP_SLEEP", "0"))
 
 
 @dataclass
@@ -147,10 +144,15 @@ def train(
     resume: bool = False,
     progress: bool = True,
     dist: object | None = None,
+    on_step: Callable[[StepEvent], None] | None = None,
 ) -> TrainResult:
     """Train lenses per `cfg` on `adapter`'s model; returns the trained lenses.
 
     `dist` (optional) supplies rank/world_size and gradient all-reduce for torchrun.
+    `on_step` (optional) is called on every rank with a `StepEvent` after the initial
+    state (step 0, closed form done; not on resume) and after each optimizer step, once
+    that step's checkpoint (if any) is on disk: for tracking metrics along training,
+    pacing or fault injection in tests.
     """
     cfg.validate()
     out = Path(cfg.out)
@@ -192,6 +194,8 @@ def train(
         if is_main:
             _save_checkpoint(out / CHECKPOINT, cfg, lenses, optimizer, stream, 0, history,
                              timings)
+        if on_step is not None:
+            on_step(StepEvent(0, 0, lenses, True, rank))
 
     t_train = time.perf_counter()
     readout = Readout(adapter.unembed)  # owns the loss's W_U copy and reused buffers
@@ -218,8 +222,6 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if _STEP_SLEEP:
-            time.sleep(_STEP_SLEEP)
         dt = time.perf_counter() - t_step
         record = {
             "step": step + 1,
@@ -242,7 +244,9 @@ def train(
             t_train = time.perf_counter()
             _save_checkpoint(out / CHECKPOINT, cfg, lenses, optimizer, stream, step + 1,
                              history, timings)
-            _test_crash_point(step + 1)
+        if on_step is not None:
+            saved = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == plan.total_steps
+            on_step(StepEvent(step + 1, tokens_done, lenses, saved, rank))
     if bar is not None:
         bar.close()
     if is_main:
@@ -252,6 +256,19 @@ def train(
             {"config": cfg.to_dict(), "history": history, "timings": timings}, indent=2))
     _barrier(dist)  # every rank returns only once rank 0's lenses are on disk
     return TrainResult(lenses=lenses, out=out, history=history, timings=timings)
+
+
+@dataclass
+class StepEvent:
+    """What `train(on_step=...)` sees after a step: the optimizer step count (0 = the
+    initial state), global tokens trained so far, the live lenses (do not modify them),
+    whether this step's checkpoint was written, and this process's rank."""
+
+    step: int
+    tokens: int
+    lenses: dict[str, Lens]
+    checkpointed: bool
+    rank: int
 
 
 def _loss(cfg: TrainConfig, lenses: dict, layer_h: Tensor, final_h: Tensor,
@@ -329,13 +346,6 @@ def _progress(cfg: TrainConfig, start: int, enabled: bool,
 def _barrier(dist: object | None) -> None:
     if dist is not None:
         dist.barrier()
-
-
-def _test_crash_point(step: int) -> None:
-    """Tests only: LENSFORGE_TEST_DIE_AFTER_STEP=k kills rank 0 right after checkpoint k."""
-    die = os.environ.get("LENSFORGE_TEST_DIE_AFTER_STEP")
-    if die and int(die) == step and int(os.environ.get("RANK", "0")) == 0:
-        os._exit(75)
 
 
 # ------------------------------------------------------------------ checkpoints
