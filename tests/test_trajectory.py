@@ -11,15 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lensforge.analysis.trajectory import (
-    PredictionTrajectory,
-    _byte_level_decoder,
-    short_token,
-    token_decoder,
-    visible_token,
-)
+from lensforge.analysis.trajectory import PredictionTrajectory
 from lensforge.errors import DataError, NonFiniteError, ShapeError
 from lensforge.lenses import LogitLens, LowRankLens
+from lensforge.viz.tokens import _byte_level_decoder, short_token, token_decoder, visible_token
 
 
 def _lenses(adapter) -> dict:

@@ -12,16 +12,15 @@ probabilities and the statistics of the tuned-lens paper's Figure 1:
 - `rank`        rank of the true next token, 0 = top-1 (−1 at the last position).
 
 Data flows one way: ids → `ModelAdapter.hidden_states` → lens → per-layer log-probs →
-statistics. Only one layer's [B, T, V] log-probs are alive at a time, so a 50k vocabulary
-and a few thousand positions fit in memory.
+statistics. This module holds the trajectory (builders, views, JSON I/O); the per-lens grid
+and its computation live in `trajectory_grid`, long-text windowing in `windows`, and token
+display text in `lensforge.viz.tokens`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,52 +28,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lensforge.analysis.trajectory_grid import STATS, LensTrajectory, lens_grids, slice_grid
+from lensforge.analysis.windows import (
+    next_tokens,
+    pad_id,
+    padded_batches,
+    plan_pieces,
+    window_and_stride,
+)
 from lensforge.errors import ConfigError, DataError, NonFiniteError, ShapeError
-from lensforge.lenses.readout import Readout
-from lensforge.metrics import entropy_from_logprobs, kl_from_logprobs, target_rank
+from lensforge.viz.tokens import short_token, token_decoder, visible_token
 
-# Statistic keys, in display order: a label, whether lower means "closer to the model", and
-# the color scale. KL, CE and rank are heavy-tailed (early layers of the logit lens reach
-# tens of nats), so they are colored on log10(1 + x) to keep the later layers readable.
-STATS: dict[str, dict[str, object]] = {
-    "entropy": {"label": "entropy H(q) [nats]", "lower_is_better": True, "scale": "linear"},
-    "kl": {"label": "KL(p_L ‖ q) to final [nats]", "lower_is_better": True, "scale": "log"},
-    "max_prob": {"label": "top-1 probability", "lower_is_better": False, "scale": "linear"},
-    "ce": {"label": "cross-entropy of true next token [nats]", "lower_is_better": True,
-           "scale": "log"},
-    "rank": {"label": "rank of true next token (0 = top-1)", "lower_is_better": True,
-             "scale": "log"},
-}
-
-
-@dataclass
-class LensTrajectory:
-    """One lens's grid. Shapes: R = n_layers + 1 rows (last = model output), T positions."""
-
-    top_ids: Tensor  # [R, T, k] long
-    top_probs: Tensor  # [R, T, k] float32
-    entropy: Tensor  # [R, T] nats
-    kl: Tensor  # [R, T] nats, KL(p_L ‖ q_l)
-    max_prob: Tensor  # [R, T]
-    ce: Tensor  # [R, T] nats, NaN where there is no next token
-    rank: Tensor  # [R, T] long, -1 where there is no next token
-
-    def stat(self, name: str) -> Tensor:
-        """[R, T] float grid of statistic `name` (one of STATS); rank -1 becomes NaN."""
-        if name not in STATS:
-            raise ConfigError(f"unknown statistic '{name}'; choose from {', '.join(STATS)}")
-        value = getattr(self, name).float()
-        if name == "rank":
-            value = torch.where(self.rank < 0, torch.nan, value)
-        return value
-
-    @staticmethod
-    def concat(parts: Sequence[LensTrajectory]) -> LensTrajectory:
-        """Join trajectories of consecutive position ranges along T."""
-        return LensTrajectory(**{
-            name: torch.cat([getattr(p, name) for p in parts], dim=1)
-            for name in LensTrajectory.__dataclass_fields__
-        })
+# STATS, LensTrajectory and the token display helpers lived here before the split into
+# trajectory_grid / viz.tokens; they stay importable from here.
+__all__ = ["STATS", "LensTrajectory", "PredictionTrajectory", "short_token", "token_decoder",
+           "visible_token"]
 
 
 @dataclass
@@ -216,43 +184,28 @@ class PredictionTrajectory:
         if not seqs or any(s.numel() == 0 for s in seqs):
             raise DataError("empty token sequence: nothing to show")
         named = _name_lenses(adapter, lenses)
-        window, stride = _window_and_stride(adapter, window, stride)
+        window, stride = window_and_stride(adapter, window, stride)
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
 
         # Every (sequence, window) piece; pieces of similar length share a padded batch.
-        pieces = []
-        for i, seq in enumerate(seqs):
-            for start, keep_from, end in _windows(int(seq.numel()), window, stride):
-                pieces.append((i, start, keep_from, end))
-        order = sorted(range(len(pieces)), key=lambda j: pieces[j][3] - pieces[j][1])
+        pieces = plan_pieces(seqs, window, stride)
         results: dict[int, dict[str, LensTrajectory]] = {}
-        pad = _pad_id(adapter)
-        for b0 in range(0, len(order), batch_size):
-            batch = [pieces[j] for j in order[b0:b0 + batch_size]]
-            width = max(end - start for _, start, _, end in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            targets = torch.full((len(batch), width), -1, dtype=torch.long)
-            for row, (i, start, _, end) in enumerate(batch):
-                n = end - start
-                ids[row, :n] = seqs[i][start:end]
-                mask[row, :n] = 1
-                targets[row, :n] = _next_tokens(seqs[i])[start:end]
+        for indices, ids, mask, targets in padded_batches(seqs, pieces, batch_size,
+                                                          pad_id(adapter)):
             hs = adapter.hidden_states(ids, attention_mask=mask)  # [L+1, B, W, H]
-            grids = _lens_grids(hs, named, adapter.unembed, targets, top_k)
-            for row, (_, start, keep_from, end) in enumerate(batch):
-                lo, hi = keep_from - start, end - start
-                results[order[b0 + row]] = {
-                    name: _slice(grid, row, lo, hi) for name, grid in grids.items()}
+            grids = lens_grids(hs, named, adapter.unembed, targets, top_k)
+            for row, j in enumerate(indices):
+                lo, hi = pieces[j].keep_from - pieces[j].start, pieces[j].end - pieces[j].start
+                results[j] = {name: slice_grid(grid, row, lo, hi) for name, grid in grids.items()}
 
         trajs = []
         tokenizer = getattr(adapter, "tokenizer", None)
         for i, seq in enumerate(seqs):
-            mine = [j for j in range(len(pieces)) if pieces[j][0] == i]
-            lens_grids = {name: LensTrajectory.concat([results[j][name] for j in mine])
-                          for name in named}
-            trajs.append(cls._assemble(seq, lens_grids, tokenizer,
+            mine = [j for j, piece in enumerate(pieces) if piece.seq == i]
+            per_lens = {name: LensTrajectory.concat([results[j][name] for j in mine])
+                        for name in named}
+            trajs.append(cls._assemble(seq, per_lens, tokenizer,
                                        getattr(adapter, "model_id", "unknown")))
         return trajs[0] if single else trajs
 
@@ -302,10 +255,10 @@ class PredictionTrajectory:
             if ids.shape[0] != B:
                 raise ShapeError(f"input_ids {tuple(ids.shape)} do not match hidden states "
                                  f"with batch {B} and {T} positions")
-        targets = torch.stack([_next_tokens(row) for row in ids])
+        targets = torch.stack([next_tokens(row) for row in ids])
         dev = next((p.device for p in unembed.parameters()), torch.device("cpu"))
-        grids = _lens_grids(hs.to(dev), named, unembed, targets, top_k)
-        trajs = [cls._assemble(ids[b], {n: _slice(g, b, 0, T) for n, g in grids.items()},
+        grids = lens_grids(hs.to(dev), named, unembed, targets, top_k)
+        trajs = [cls._assemble(ids[b], {n: slice_grid(g, b, 0, T) for n, g in grids.items()},
                                tokenizer, model_id) for b in range(B)]
         return trajs[0] if single else trajs
 
@@ -318,7 +271,7 @@ class PredictionTrajectory:
             used.update(grid.top_ids.flatten().tolist())
         used.discard(-1)
         decode = token_decoder(tokenizer)
-        return cls(input_ids=ids, targets=_next_tokens(ids), lenses=grids,
+        return cls(input_ids=ids, targets=next_tokens(ids), lenses=grids,
                    token_text={i: decode(i) for i in sorted(used)}, model_id=model_id)
 
     # ------------------------------------------------------------- export
@@ -372,95 +325,7 @@ class PredictionTrajectory:
         return out
 
 
-# ------------------------------------------------------------------- compute
-@torch.no_grad()
-def _lens_grids(hs: Tensor, lenses: Mapping[str, torch.nn.Module], unembed: torch.nn.Module,
-                targets: Tensor, top_k: int) -> dict[str, LensTrajectory]:
-    """hs [L+1, B, T, H], targets [B, T] (-1 = none) -> name -> LensTrajectory with
-    [R, B, T(, k)] tensors (sliced per sequence by the caller)."""
-    n_layers = hs.shape[0] - 1
-    readout = Readout(unembed)
-    final_lp = readout.final_logprobs(hs[n_layers])  # [B, T, V] fp32
-    vocab = final_lp.shape[-1]
-    if not 1 <= top_k <= vocab:
-        raise ConfigError(f"top_k must be in [1, {vocab}], got {top_k}")
-    if not torch.isfinite(final_lp).all():
-        raise NonFiniteError("NaN/Inf in the model's output logits")
-    valid = targets >= 0
-    safe_targets = targets.clamp(min=0).to(final_lp.device)
-    if int(safe_targets.max()) >= vocab:
-        raise ShapeError("a token id is outside the model's vocabulary")
-    final_row = _row_stats(final_lp, final_lp, safe_targets, valid, top_k)
-    out = {}
-    for name, lens in lenses.items():
-        rows = [_row_stats(lp, final_lp, safe_targets, valid, top_k)
-                for _, lp in readout.layer_logprobs(lens, hs[:n_layers])]
-        rows.append(final_row)
-        out[name] = LensTrajectory(**{
-            key: torch.stack([row[key] for row in rows]).cpu() for key in rows[0]})
-    return out
-
-
-def _row_stats(lp: Tensor, final_lp: Tensor, targets: Tensor, valid: Tensor,
-               top_k: int) -> dict[str, Tensor]:
-    """One layer: log-probs [B, T, V] -> per-cell statistics [B, T(, k)]."""
-    top = lp.topk(top_k, dim=-1)
-    valid = valid.to(lp.device)
-    ce = -lp.gather(-1, targets[..., None])[..., 0]
-    rank = target_rank(lp, targets)
-    probs = top.values.exp()
-    return {
-        "top_ids": top.indices,
-        "top_probs": probs,
-        "entropy": entropy_from_logprobs(lp),
-        "kl": kl_from_logprobs(final_lp, lp),
-        "max_prob": probs[..., 0],
-        "ce": torch.where(valid, ce, torch.nan),
-        "rank": torch.where(valid, rank, -1),
-    }
-
-
-def _slice(grid: LensTrajectory, b: int, lo: int, hi: int) -> LensTrajectory:
-    return LensTrajectory(**{name: getattr(grid, name)[:, b, lo:hi]
-                             for name in LensTrajectory.__dataclass_fields__})
-
-
-def _next_tokens(ids: Tensor) -> Tensor:
-    """[T] -> [T]: ids shifted left, -1 at the end."""
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-    return torch.cat([ids[1:], torch.full((1,), -1, dtype=torch.long)])
-
-
-def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """(start, keep_from, end) per window covering positions 0..n-1 exactly once."""
-    out, start, covered = [], 0, 0
-    while covered < n:
-        end = min(start + window, n)
-        out.append((start, covered, end))
-        covered = end
-        start += stride
-    return out
-
-
-def _window_and_stride(adapter: object, window: int | None, stride: int | None) -> tuple[int, int]:
-    if window is None:
-        limit = getattr(getattr(adapter, "config", None), "max_position_embeddings", None)
-        window = min(int(limit), 1024) if limit else 1024
-    if stride is None:
-        stride = max(1, window // 2)
-    if window < 1 or not 1 <= stride <= window:
-        raise ConfigError(f"need window >= 1 and 1 <= stride <= window, got {window}, {stride}")
-    return window, stride
-
-
-def _pad_id(adapter: object) -> int:
-    tok = getattr(adapter, "tokenizer", None)
-    pad = getattr(tok, "pad_token_id", None) if tok is not None else None
-    if pad is None:
-        pad = getattr(tok, "eos_token_id", None) if tok is not None else None
-    return int(pad) if pad is not None and pad < adapter.vocab_size else 0
-
-
+# ------------------------------------------------------------------- helpers
 def _name_lenses(adapter: object | None, lenses: object) -> dict[str, torch.nn.Module]:
     if lenses is None:
         if adapter is None:
@@ -498,81 +363,3 @@ def _nan_to_none(x: object) -> object:
     if isinstance(x, list):
         return [_nan_to_none(v) for v in x]
     return x
-
-
-# ------------------------------------------------------------------- tokens
-@functools.cache
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2 byte-level BPE's printable stand-in character -> byte ('Ġ' -> 0x20)."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
-_SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
-def token_decoder(tokenizer: object | None):  # noqa: ANN201 - returns a cached callable
-    """id -> the token's text as the model would print it.
-
-    Byte-level BPE pieces ('Ġthe') and SentencePiece pieces ('▁the') become ' the'. A token
-    holding part of a UTF-8 character cannot be printed alone; its bytes are shown as
-    `\\xe2\\x80` escapes instead of a replacement character."""
-    if tokenizer is None:
-        return lambda i: f"#{i}"
-
-    @functools.cache
-    def decode(token_id: int) -> str:
-        try:
-            text = tokenizer.decode([token_id], skip_special_tokens=False,
-                                    clean_up_tokenization_spaces=False)
-        except Exception:  # noqa: BLE001 - a broken id shows as its number, not a crash
-            return f"#{token_id}"
-        if "\ufffd" not in text:
-            return text
-        piece = tokenizer.convert_ids_to_tokens(token_id)
-        if isinstance(piece, str):
-            byte_map = _byte_level_decoder()
-            match = _SP_BYTE.match(piece)
-            if match:
-                raw = bytes([int(match.group(1), 16)])
-            elif piece and all(c in byte_map for c in piece):
-                raw = bytes(byte_map[c] for c in piece)
-            else:
-                return text
-            return raw.decode("utf-8", errors="backslashreplace")
-        return text
-
-    return decode
-
-
-VISIBLE_WHITESPACE = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍", "\u00a0": "⍽"}
-
-
-def visible_token(text: str) -> str:
-    """Token text with whitespace made visible (␣ ↵ ⇥) and control characters escaped;
-    other characters, non-ASCII included, are kept as they are. '' becomes '∅'."""
-    if not text:
-        return "∅"
-    out = []
-    for ch in text:
-        if ch in VISIBLE_WHITESPACE:
-            out.append(VISIBLE_WHITESPACE[ch])
-        elif ch.isprintable():
-            out.append(ch)
-        else:
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
-    return "".join(out)
-
-
-def short_token(text: str, max_chars: int = 8) -> str:
-    """`visible_token`, cut to `max_chars` characters with a trailing '…'."""
-    vis = visible_token(text)
-    return vis if len(vis) <= max_chars else vis[: max_chars - 1] + "…"
