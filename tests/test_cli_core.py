@@ -17,6 +17,7 @@ from tiny_folder import make_tiny_model_dir, write_corpus
 from lensforge.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
+LAUNCHER = Path(__file__).resolve().parent / "cli_launcher.py"
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +37,12 @@ def _train_args(ws, out, *extra):
             "--no-progress", "--out", str(out), *extra]
 
 
-def _run_cli(args, env_extra=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "lensforge", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _run_cli(args, *, step_sleep: float = 0.0):
+    """The CLI in a child process; `step_sleep` s after each step lets a kill land mid-run."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(LAUNCHER), "--sleep", str(step_sleep), "--", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def test_train_then_eval_writes_results(workspace, tmp_path, capsys):
@@ -66,7 +69,7 @@ def test_kill_minus_9_then_resume_matches_uninterrupted(workspace, tmp_path):
     assert main(_train_args(workspace, straight)) == 0
 
     killed = tmp_path / "killed"
-    proc = _run_cli(_train_args(workspace, killed), {"LENSFORGE_TEST_STEP_SLEEP": "0.5"})
+    proc = _run_cli(_train_args(workspace, killed), step_sleep=0.5)
     state = killed / "checkpoint" / "state.json"
     deadline = time.time() + 240
     while time.time() < deadline:

@@ -1,7 +1,7 @@
 """Data-parallel training under torchrun (gloo, CPU): same lenses as one process, resumable.
 
-The torchrun tests launch real processes (`torchrun --standalone --nproc-per-node 2 -m lensforge
-train ...`) on a tiny Llama saved to disk, and compare against an in-process 1-rank run over the
+The torchrun tests launch real processes (`torchrun --standalone --nproc-per-node 2
+tests/cli_launcher.py -- train ...`, the CLI with a crash hook) on a tiny Llama saved to disk, and compare against an in-process 1-rank run over the
 same global batches: rank r of 2 reads global sequences r, r+2, ..., so with token budgets
 global and batch size per rank, every optimizer step of both runs sees the same sequences.
 """
@@ -23,7 +23,7 @@ from lensforge.cli.main import main
 from lensforge.errors import ConfigError
 from lensforge.lenses import load_lens
 from lensforge.models import load_model
-from lensforge.training import TrainConfig, train
+from lensforge.training import StepEvent, TrainConfig, train
 from lensforge.training.distributed import DistContext, under_torchrun
 from lensforge.training.loop import StepPlan
 
@@ -33,6 +33,7 @@ SEQ_LEN = 16
 BUDGET = dict(seq_len=SEQ_LEN, tokens_per_step=128, tokens=512, init_tokens=256, rank=4,
               lens_types=["lowrank", "tuned"], dtype="float32", checkpoint_every=1)
 ATOL = 1e-5
+LAUNCHER = Path(__file__).resolve().parent / "cli_launcher.py"
 
 
 @pytest.fixture(scope="module")
@@ -86,32 +87,33 @@ def reference(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     out = tmp_path_factory.mktemp("ref") / "run"
     snapshots: dict[int, Path] = {}
 
-    def snapshot(step: int) -> None:
-        snapshots[step] = shutil.copytree(out / "checkpoint", out.parent / f"step{step}")
+    def snapshot(event: StepEvent) -> None:
+        if event.checkpointed:
+            snapshots[event.step] = shutil.copytree(out / "checkpoint",
+                                                    out.parent / f"step{event.step}")
 
     adapter = load_model(str(workspace / "model"), dtype="float32")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("lensforge.training.loop._test_crash_point", snapshot)
-        train(_config(workspace, out, batch_size=4), adapter, progress=False)
+    train(_config(workspace, out, batch_size=4), adapter, progress=False, on_step=snapshot)
     history = json.loads((out / "train_history.json").read_text())["history"]
     return {"weights": _weights(out, workspace), "history": history,
             "step2": _weights(snapshots[2], workspace),
             "step2_stream": json.loads((snapshots[2] / "state.json").read_text())["stream"]}
 
 
-def _torchrun(ws: Path, out: Path, *extra: str, env: dict | None = None,
+def _torchrun(ws: Path, out: Path, *extra: str, die_after: int | None = None,
               nproc: int = 2) -> subprocess.CompletedProcess:
+    """`lensforge train` under torchrun; `die_after=k` crashes rank 0 after checkpoint k."""
+    hook = [] if die_after is None else ["--die-after", str(die_after)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "lensforge", "train",
+           f"--nproc-per-node={nproc}", str(LAUNCHER), *hook, "--", "train",
            "--model", str(ws / "model"), "--dtype", "float32", "--data", str(ws / "corpus.txt"),
            "--seq-len", str(SEQ_LEN), "--batch-size", "2", "--rank", "4",
            "--lens", "lowrank", "tuned", "--tokens-per-step", "128", "--tokens", "512",
            "--init-tokens", "256", "--checkpoint-every", "1", "--no-progress",
            "--out", str(out), *extra]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LENSFORGE_TEST_DIE_AFTER_STEP"):
-        if env is None or var not in env:
-            full_env.pop(var, None)
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # torchrun sets these per rank
+        full_env.pop(var, None)
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=240)
 
 
@@ -150,7 +152,7 @@ def test_two_ranks_match_one_rank_and_a_killed_run_resumes_anywhere(
     batches; a kill after checkpoint 2 of 4; resuming on 2 ranks and on 1 rank."""
     out = tmp_path / "dp2"
     # Rank 0 dies right after checkpoint 2 of 4; torchrun then stops rank 1.
-    proc = _torchrun(workspace, out, "--fsdp", env={"LENSFORGE_TEST_DIE_AFTER_STEP": "2"})
+    proc = _torchrun(workspace, out, "--fsdp", die_after=2)
     assert proc.returncode != 0
     assert "fsdp: 3 blocks sharded over 2 ranks; rank 0 holds 13,920 of 27,840" in proc.stdout
     state = json.loads((out / "checkpoint" / "state.json").read_text())
