@@ -26,3 +26,23 @@ def test_defaults_printed_once(command: str) -> None:
         assert text.count("(default") <= 1, text
         assert "(default: None)" not in text and "(default: False)" not in text, text
     assert "(default: 512) (default: 512)" not in parser.format_help()
+
+
+def test_train_help_is_trainconfig_field_docs() -> None:
+    """`lensforge train --help` is TrainConfig's field docs: every field documented, every
+    option that sets a field shows that doc and the field's default."""
+    from dataclasses import fields
+
+    from lensforge.training import TrainConfig
+
+    defaults = TrainConfig()
+    docs = {f.name: f.metadata.get("help") for f in fields(TrainConfig)}
+    assert all(docs.values()), [name for name, doc in docs.items() if not doc]
+    options = {a.dest: a for a in _subparsers()["train"]._actions if a.dest in docs}
+    assert set(options) == set(docs)  # no field without an option (config_from_args maps 1:1)
+    for name, action in options.items():
+        assert action.help == docs[name], name
+        assert action.default == getattr(defaults, name), name
+    help_text = " ".join(_subparsers()["train"].format_help().split())
+    assert "learning rate (unset: the optimizer's" in help_text
+    assert "weight decay (unset: the optimizer's" in help_text

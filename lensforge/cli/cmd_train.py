@@ -15,6 +15,7 @@ from lensforge.cli.outdir import claim_out_dir
 from lensforge.data.sources import check_source
 from lensforge.errors import ConfigError
 from lensforge.training import OPTIMIZER_DEFAULTS, TrainConfig, train
+from lensforge.training.config import field_help
 from lensforge.training.distributed import (
     FSDP_NEEDS_TORCHRUN,
     DistContext,
@@ -26,8 +27,16 @@ from lensforge.training.distributed import (
 TRAIN_OUTPUTS = ("checkpoint", "lenses", "train_history.json")
 
 
+def _field_option(g: argparse._ArgumentGroup, *flags: str, name: str, **kwargs: object) -> None:
+    """Add the option of TrainConfig field `name`; its default and help come from the field."""
+    g.add_argument(*flags, dest=name, default=getattr(_DEFAULTS, name), help=field_help(name),
+                   **kwargs)
+
+
+_DEFAULTS = TrainConfig()
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    d = TrainConfig()
     p = sub.add_parser(
         "train", help="train tuned / LoRA lenses",
         description="Train lenses against the model's final distribution (KL), starting from "
@@ -38,43 +47,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_data_args(p)
     g = p.add_argument_group("lenses")
-    g.add_argument("--lens", dest="lens_types", nargs="+", default=d.lens_types,
-                   choices=["lowrank", "tuned"], help="lens types to train (one forward pass)")
-    g.add_argument("--rank", type=positive, help="LoRA rank r (overrides -k)")
-    g.add_argument("-k", type=positive, default=d.k, help="LoRA rank divisor: r = floor(H/k)")
-    g.add_argument("--extra-k", dest="ranks_k", type=positive, nargs="*", default=[],
-                   help="also train LoRA lenses with these divisors k")
+    _field_option(g, "--lens", name="lens_types", nargs="+", choices=["lowrank", "tuned"])
+    _field_option(g, "--rank", name="rank", type=positive)
+    _field_option(g, "-k", name="k", type=positive)
+    _field_option(g, "--extra-k", name="ranks_k", type=positive, nargs="*")
     g = p.add_argument_group("optimization")
-    g.add_argument("--init", choices=["closed-form", "zero"], default=d.init)
-    g.add_argument("--init-tokens", type=int, default=d.init_tokens,
-                   help="tokens of statistics for the closed-form init")
-    g.add_argument("--ridge", type=float, default=d.ridge, help="relative ridge penalty")
-    g.add_argument("--optimizer", choices=sorted(OPTIMIZER_DEFAULTS), default=d.optimizer,
-                   help=f"defaults: {OPTIMIZER_DEFAULTS}")
-    g.add_argument("--lr", type=float, help="learning rate (unset: the optimizer's, adamw 1e-3, sgd 0.1)")
-    g.add_argument("--weight-decay", type=float, help="weight decay (unset: the optimizer's, adamw 0, sgd 1e-3)")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD Nesterov momentum")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    g.add_argument("--tokens", type=int, default=d.tokens,
-                   help="KL fine-tuning token budget (0: closed form only)")
-    g.add_argument("--tokens-per-step", type=positive, default=d.tokens_per_step,
-                   help="tokens per optimizer step (gradient accumulation)")
-    g.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clip (0: off)")
-    g.add_argument("--token-chunk", type=positive, default=d.token_chunk,
-                   help="tokens per logits block (memory bound)")
-    g.add_argument("--loss", choices=("fused", "subset", "reference"), default=d.loss,
-                   help="KL implementation: fused (exact, batched layers), subset (target "
-                        "top-k + sampled tail, an estimate; see docs/subset_kl.md) or "
-                        "reference (the slow oracle)")
-    g.add_argument("--subset-k", type=positive, default=d.subset_k,
-                   help="subset loss: target top-k tokens per token")
-    g.add_argument("--subset-tail", type=positive, default=d.subset_tail,
-                   help="subset loss: sampled tail ids per token chunk")
-    g.add_argument("--seed", type=int, default=d.seed)
+    _field_option(g, "--init", name="init", choices=["closed-form", "zero"])
+    _field_option(g, "--init-tokens", name="init_tokens", type=int)
+    _field_option(g, "--ridge", name="ridge", type=float)
+    _field_option(g, "--optimizer", name="optimizer", choices=sorted(OPTIMIZER_DEFAULTS))
+    _field_option(g, "--lr", name="lr", type=float)
+    _field_option(g, "--weight-decay", name="weight_decay", type=float)
+    _field_option(g, "--momentum", name="momentum", type=float)
+    _field_option(g, "--warmup-steps", name="warmup_steps", type=int)
+    _field_option(g, "--tokens", name="tokens", type=int)
+    _field_option(g, "--tokens-per-step", name="tokens_per_step", type=positive)
+    _field_option(g, "--clip", name="clip", type=float)
+    _field_option(g, "--token-chunk", name="token_chunk", type=positive)
+    _field_option(g, "--loss", name="loss", choices=("fused", "subset", "reference"))
+    _field_option(g, "--subset-k", name="subset_k", type=positive)
+    _field_option(g, "--subset-tail", name="subset_tail", type=positive)
+    _field_option(g, "--seed", name="seed", type=int)
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=d.out, help="output folder")
-    g.add_argument("--checkpoint-every", type=positive, default=d.checkpoint_every,
-                   help="steps between atomic checkpoints")
+    _field_option(g, "--out", name="out")
+    _field_option(g, "--checkpoint-every", name="checkpoint_every", type=positive)
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     g.add_argument("--overwrite", action="store_true",
                    help="replace a previous run in OUT (only files lensforge wrote there)")
@@ -86,6 +82,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="shard the frozen model's blocks over ranks (FSDP2 fully_shard)")
     g.add_argument("--cpu-offload", action="store_true",
                    help="with --fsdp: keep the block shards in CPU memory")
+    # The model and data options are shared with other commands (cli/common.py); here their
+    # help, like every option that sets a TrainConfig field, is the field's documentation.
+    for action in p._actions:
+        if action.dest in TrainConfig.__dataclass_fields__:
+            action.help = field_help(action.dest)
     p.set_defaults(func=run_train)
 
 

@@ -1,9 +1,14 @@
-"""TrainConfig: every training option, one field each, mapping one-to-one onto the CLI."""
+"""TrainConfig: every training option, one field each, mapping one-to-one onto the CLI.
+
+The field docs (`metadata["help"]`) are the single source of `lensforge train --help`.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from lensforge.errors import ConfigError
 
@@ -15,39 +20,66 @@ OPTIMIZER_DEFAULTS = {
 }
 
 
+def _opt(default: object = None, *, help: str,  # noqa: A002 — argparse's name for it
+         factory: Callable[[], object] | None = None) -> Any:
+    """A TrainConfig field and its documentation: `help` is the `lensforge train` help text
+    of the option (cmd_train reads it from here, so the two cannot drift apart)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    model: str = "smollm2"
-    data: str = "stdlib"
-    text_field: str = "text"
-    lens_types: list[str] = field(default_factory=lambda: ["lowrank"])
-    rank: int | None = None
-    k: int = 32
-    ranks_k: list[int] = field(default_factory=list)  # extra LoRA lenses by divisor k
-    init: str = "closed-form"  # "closed-form" | "zero"
-    init_tokens: int = 32_768
-    ridge: float = 1e-3
-    optimizer: str = "adamw"
-    lr: float | None = None
-    weight_decay: float | None = None
-    momentum: float = 0.9
-    warmup_steps: int = 0
-    tokens: int = 65_536  # KL fine-tuning token budget (0 = closed form only)
-    tokens_per_step: int = 8_192
-    batch_size: int = 4
-    seq_len: int = 512
-    clip: float = 1.0
-    seed: int = 0
-    dtype: str = "auto"
-    device: str = "cpu"
-    checkpoint_every: int = 10
-    token_chunk: int = 2048
+    """Every training option, one field each, mapping one-to-one onto `lensforge train`.
+
+    Each field's `metadata["help"]` documents it and is the option's --help text (see
+    `field_help`); the field list with those texts is appended to this docstring below.
+    """
+
+    model: str = _opt("smollm2", help="built-in name (smollm2, gemma3-270m), folder, .gguf "
+                                      "file or hub id")
+    data: str = _opt("stdlib", help="text: .txt/.jsonl/.parquet file or folder (.gz ok), a "
+                                    "Hugging Face dataset name, or 'stdlib' (built-in corpus)")
+    text_field: str = _opt("text", help="jsonl/parquet field")
+    lens_types: list[str] = _opt(factory=lambda: ["lowrank"],
+                                 help="lens types to train (one forward pass)")
+    rank: int | None = _opt(None, help="LoRA rank r (overrides -k)")
+    k: int = _opt(32, help="LoRA rank divisor: r = floor(H/k)")
+    ranks_k: list[int] = _opt(factory=list,
+                              help="also train LoRA lenses with these divisors k")
+    init: str = _opt("closed-form", help="starting point: the closed-form least-squares fit, "
+                                         "or zero (the logit lens)")
+    init_tokens: int = _opt(32_768, help="tokens of statistics for the closed-form init")
+    ridge: float = _opt(1e-3, help="relative ridge penalty")
+    optimizer: str = _opt("adamw", help=f"defaults: {OPTIMIZER_DEFAULTS}")
+    # The unset default is the optimizer's (OPTIMIZER_DEFAULTS); the help says so.
+    lr: float | None = _opt(None, help="learning rate (unset: the optimizer's, adamw 1e-3, "
+                                       "sgd 0.1)")
+    weight_decay: float | None = _opt(None, help="weight decay (unset: the optimizer's, adamw "
+                                                 "0, sgd 1e-3)")
+    momentum: float = _opt(0.9, help="SGD Nesterov momentum")
+    warmup_steps: int = _opt(0, help="optimizer steps of linear learning-rate warm-up (then linear "
+                                        "decay to zero)")
+    tokens: int = _opt(65_536, help="KL fine-tuning token budget (0: closed form only)")
+    tokens_per_step: int = _opt(8_192, help="tokens per optimizer step (gradient accumulation)")
+    batch_size: int = _opt(4, help="sequences per batch")
+    seq_len: int = _opt(512, help="tokens per sequence")
+    clip: float = _opt(1.0, help="gradient-norm clip (0: off)")
+    seed: int = _opt(0, help="random seed (lens init, subset-loss tail samples)")
+    dtype: str = _opt("auto", help="model dtype: auto (bf16 on GPU or a CPU with bf16 "
+                                   "hardware, else float32), float32 or bfloat16")
+    device: str = _opt("cpu", help="torch device")
+    checkpoint_every: int = _opt(10, help="steps between atomic checkpoints")
+    token_chunk: int = _opt(2048, help="tokens per logits block (memory bound)")
     # "fused": exact KL (fast_loss.py); "subset": top-k + sampled-tail estimate
     # (subset_loss.py); "reference": loss.py, the slow oracle.
-    loss: str = "fused"
-    subset_k: int = 128  # target top-k tokens per token of the subset loss
-    subset_tail: int = 256  # sampled tail ids per token chunk of the subset loss
-    out: str = "runs/train"
+    loss: str = _opt("fused", help="KL implementation: fused (exact, batched layers), subset "
+                                   "(target top-k + sampled tail, an estimate; see "
+                                   "docs/subset_kl.md) or reference (the slow oracle)")
+    subset_k: int = _opt(128, help="subset loss: target top-k tokens per token")
+    subset_tail: int = _opt(256, help="subset loss: sampled tail ids per token chunk")
+    out: str = _opt("runs/train", help="output folder")
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZER_DEFAULTS:
@@ -122,3 +154,13 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+def field_help(name: str) -> str:
+    """The documentation of TrainConfig field `name` (its `lensforge train` help text)."""
+    return TrainConfig.__dataclass_fields__[name].metadata["help"]
+
+
+# help(TrainConfig) lists the fields with their docs (generated, so it cannot go stale).
+TrainConfig.__doc__ = (TrainConfig.__doc__ or "") + "\n    Fields:\n" + "".join(
+    f"      {f.name}: {f.metadata['help']}\n" for f in fields(TrainConfig))
