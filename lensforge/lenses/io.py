@@ -135,8 +135,9 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
 
 
 # ------------------------------------------------------------ tuned-lens 0.2.0
-def import_tuned_lens(folder: str | os.PathLike) -> TunedLens:
-    """Read a tuned-lens 0.2.0 folder (config.json + params.pt of nn.Linear translators)."""
+def read_tuned_lens_config(folder: str | os.PathLike) -> dict:
+    """The checked config.json of a tuned-lens 0.2.0 folder, without reading its tensors
+    (cheap: `lensforge import` compares the shapes with the model's before any big read)."""
     folder = Path(folder)
     cfg = _read_json(folder / CONFIG_FILE)
     if not isinstance(cfg, dict):
@@ -150,6 +151,14 @@ def import_tuned_lens(folder: str | os.PathLike) -> TunedLens:
     if not isinstance(bias, bool):
         raise CheckpointError(f"{folder / CONFIG_FILE}: 'bias' must be true or false, "
                               f"got {bias!r:.40}")
+    return cfg
+
+
+def import_tuned_lens(folder: str | os.PathLike) -> TunedLens:
+    """Read a tuned-lens 0.2.0 folder (config.json + params.pt of nn.Linear translators)."""
+    folder = Path(folder)
+    cfg = read_tuned_lens_config(folder)
+    bias = cfg.get("bias", True)
     L, H = cfg["num_hidden_layers"], cfg["d_model"]
     path = folder / "params.pt"
     state = _load_plain_tensors(path)
