@@ -1,0 +1,89 @@
+"""Figures of `lensforge track`: the tuned lens's spectrum and each LoRA-Lens's RAF against
+training tokens, one line per recipe, beside the LoRA-Lens paper's values."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lensforge.analysis.tracking import PAPER, RECIPES  # noqa: E402
+
+_RECIPE_COLORS = {"tuned-lens": "#d62728", "lora-lens": "#1f77b4", "lensforge": "#2ca02c"}
+_K_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+_PAPER_STYLE = dict(color="0.35", alpha=0.18, linewidth=0)
+
+
+def _x(tokens: int, zero_at: float) -> float:
+    """Token 0 (the initial state) cannot sit on a log axis: draw it at `zero_at`."""
+    return zero_at if tokens == 0 else float(tokens)
+
+
+def plot_tracking(rows: Sequence[dict], path: str | os.PathLike, title: str | None = None
+                  ) -> Path:
+    """Four panels against training tokens (log2): the tuned lens's effective rank and
+    participation ratio (% of H) and components for 90% energy, one line per recipe; the
+    RAF of each LoRA-Lens against its recipe's tuned lens, one line per recipe and k.
+    Shaded: the paper's effective rank < 3% of H, PR ≈ H/2 (a line), RAF 0.12–0.15."""
+    positive = sorted({r["tokens"] for r in rows if r["tokens"] > 0})
+    zero_at = positive[0] / 2 if positive else 1.0
+    recipes = [name for name in RECIPES if any(r["recipe"] == name for r in rows)]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
+    spectrum_panels = (("effective_rank_over_h", 100.0, "(a) tuned lens: effective rank, % of H"),
+                       ("participation_ratio_over_h", 100.0,
+                        "(b) tuned lens: participation ratio, % of H"),
+                       ("components_90", 1.0, "(c) tuned lens: components for 90% energy"))
+    for ax, (metric, scale, label) in zip(axes[:3], spectrum_panels, strict=True):
+        for recipe in recipes:
+            pts = sorted((r["tokens"], r[metric]) for r in rows
+                         if r["recipe"] == recipe and r["lens"] == "tuned")
+            ax.plot([_x(t, zero_at) for t, _ in pts], [v * scale for _, v in pts],
+                    color=_RECIPE_COLORS.get(recipe), marker="o", markersize=4,
+                    linewidth=1.8, label=recipe)
+        ax.set_title(label, fontsize=10)
+    axes[0].axhspan(0, 100 * PAPER["effective_rank_over_h_max"], label="paper: < 3% of H",
+                    **_PAPER_STYLE)
+    axes[1].axhline(100 * PAPER["participation_ratio_over_h"], color="0.35", linestyle="--",
+                    linewidth=1.2, label="paper: ≈ H/2")
+    for ax in axes[:2]:
+        ax.set_ylim(0, 100)
+    ks = sorted({r["k"] for r in rows if r.get("k") is not None})
+    for recipe in recipes:
+        for i, k in enumerate(ks):
+            pts = sorted((r["tokens"], r["raf"]) for r in rows if r["recipe"] == recipe
+                         and r.get("k") == k and r["raf"] is not None)
+            axes[3].plot([_x(t, zero_at) for t, _ in pts], [v for _, v in pts],
+                         color=_RECIPE_COLORS.get(recipe), marker=_K_MARKERS[i % len(_K_MARKERS)],
+                         markersize=4, linewidth=1.4, alpha=0.85, label=f"{recipe} k={k}")
+    low, high = PAPER["raf"]
+    axes[3].axhspan(low, high, label=f"paper: RAF {low}–{high}", **_PAPER_STYLE)
+    axes[3].set_title("(d) LoRA-Lens RAF against the recipe's tuned lens", fontsize=10)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ticks = ([zero_at] if any(r["tokens"] == 0 for r in rows) else []) + positive
+        ax.set_xticks(ticks)
+        ax.set_xticklabels(["init" if t == zero_at else _tok(t) for t in ticks], fontsize=8,
+                           rotation=45)
+        ax.set_xlabel("training tokens (lensforge recipe: after the closed form)")
+        ax.grid(True, alpha=0.3)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _tok(t: float) -> str:
+    t = int(t)
+    return f"{t // 1024}k" if t >= 1024 and t % 1024 == 0 else str(t)
