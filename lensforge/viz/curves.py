@@ -9,13 +9,13 @@ import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import matplotlib
+from matplotlib.axes import Axes
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # headless: never needs a display
+from lensforge.viz._mpl import pyplot, save_figure
+from lensforge.viz.offscale import mark_off_scale, readable_ylim
 
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+plt = pyplot()
 
 LOGIT_COLOR = "#7f7f7f"
 TUNED_COLOR = "#1f77b4"
@@ -34,6 +34,8 @@ METRIC_LABELS = {
 }
 # Metrics with a model-own baseline, drawn dashed.
 BASELINE_KEYS = {"ce": "model_ce", "ppl": "model_ppl", "entropy": "model_entropy"}
+# Losses whose worst lens (the logit lens, early layers) can dwarf the rest: axis clipped.
+CLIPPED = ("kl", "ce", "ppl", "surprisal")
 
 
 def _stable_index(name: str, n: int) -> int:
@@ -108,7 +110,7 @@ def _draw_panel(ax: Axes, metric: str, results: dict[str, dict], colors: dict[st
     for lens, (layers, values) in series.items():
         ax.plot(
             layers,
-            values,
+            [v if math.isfinite(v) else math.nan for v in values],  # overflowed ppl: a gap
             color=colors[lens],
             label=lens,
             linewidth=2.0,
@@ -139,8 +141,14 @@ def _draw_panel(ax: Axes, metric: str, results: dict[str, dict], colors: dict[st
                         label=f"model ({lens})",
                     )
 
-    if metric in ("kl", "ppl") and _positive_span_decades(v for _, v in series.values()) > 2:
+    log = metric in ("kl", "ppl") and _positive_span_decades(v for _, v in series.values()) > 2
+    if log:
         ax.set_yscale("log")
+    if metric in CLIPPED:
+        lines = [r.get(baseline_key) for r in results.values()] if baseline_key else []
+        limits = readable_ylim(series, log=log, baselines=[b for b in lines if b is not None])
+        if limits is not None:
+            mark_off_scale(ax, series, limits, colors)
     if metric.startswith("precision@"):
         ax.set_ylim(-0.02, 1.02)
     ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=12)
@@ -211,12 +219,7 @@ def plot_layer_curves(
     fig_height = 3.8 * nrows
     # Reserve ~0.3 inch per legend row below the panels, independent of figure height.
     fig.tight_layout(rect=(0, 0.3 * legend_rows / fig_height, 1, 1))
-
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=150, tight=False, bbox_inches="tight")
 
 
 # ------------------------------------------------------------------- training panel
@@ -265,9 +268,5 @@ def plot_training_kl(
     ax.spines[["top", "right"]].set_visible(False)
     drawn = {line.get_label(): ([int(x) for x in line.get_xdata()],
                                 [float(y) for y in line.get_ydata()]) for line in ax.lines}
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path, dpi=130)
     return drawn

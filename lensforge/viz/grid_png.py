@@ -13,17 +13,15 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.colors import LinearSegmentedColormap, Normalize
+from matplotlib.ticker import FuncFormatter
 
-matplotlib.use("Agg")  # headless: never needs a display
+from lensforge.analysis.trajectory import STATS, PredictionTrajectory, short_token
+from lensforge.errors import ConfigError
+from lensforge.viz._mpl import pyplot, save_figure
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import LinearSegmentedColormap, Normalize  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
-
-from lensforge.analysis.trajectory import STATS, PredictionTrajectory, short_token  # noqa: E402
-from lensforge.errors import ConfigError  # noqa: E402
+plt = pyplot()
 
 # The HTML page's palette (ColorBrewer YlGnBu): light = close to the model, dark = far.
 PALETTE = ("#ffffd9", "#edf8b1", "#c7e9b4", "#7fcdbb", "#41b6c4", "#1d91c0", "#225ea8",
@@ -135,8 +133,4 @@ def plot_trajectory_grid(
     window = "" if (start, stop) == (0, T) else f" · positions {start}–{stop - 1} of {T}"
     fig.suptitle(title or f"{traj.model_id}: top-1 token per layer, colored by {label}{window}",
                  fontsize=10, y=1 - 0.12 / fig_h)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=dpi, tight=False, bbox_inches="tight")

@@ -9,22 +9,14 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
+from lensforge.viz._mpl import pyplot, save_figure
+from lensforge.viz.curves import lens_colors
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-
-from lensforge.viz.curves import lens_colors  # noqa: E402
+plt = pyplot()
 
 
 def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi=130)
 
 
 def _style(ax: plt.Axes) -> None:
