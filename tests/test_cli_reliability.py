@@ -15,6 +15,8 @@ from tiny_folder import make_tiny_model_dir, write_corpus
 import lensforge.cli.common as common
 from lensforge.cli.main import main
 
+pytestmark = pytest.mark.integration  # lensforge as a user runs it
+
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
@@ -258,3 +260,30 @@ def test_a_killed_runs_files_count_as_its_own(ws, tmp_path, capsys):
     err = _one_line_error(capsys, main(_train(ws, out, "--resume")))
     assert "from_before.txt" in err and "state.json" not in err
     assert json.loads((out / MANIFEST).read_text())["complete"] is False
+
+
+@pytest.mark.parametrize("command", ["eval", "show", "shortcuts"])
+def test_broken_lens_fails_before_the_model_loads(ws, tmp_path, capsys, no_load, command):
+    """A NaN lens (or one whose config and tensors disagree) is refused in one line before
+    the model is loaded, for every command that takes lens folders."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from lensforge.lenses import TunedLens, save_lens
+    from lensforge.models.adapter import ModelAdapter
+    from lensforge.models.loading import load_model as real_load
+
+    adapter: ModelAdapter = real_load(str(ws["model"]), dtype="float32")
+    lens_dir = save_lens(TunedLens.from_model(adapter), tmp_path / "nan")
+    tensors = load_file(str(lens_dir / "lens.safetensors"))
+    first = next(iter(tensors))
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, str(lens_dir / "lens.safetensors"), metadata={"lens_type": "tuned"})
+    spec = f"t={lens_dir}"
+    argv = {"eval": ["eval", spec, "--out", str(tmp_path / "o")],
+            "show": ["show", "a b c", "--lens", spec, "--out", str(tmp_path / "s.html")],
+            "shortcuts": ["shortcuts", spec, "--out", str(tmp_path / "sc")]}[command]
+    code = main([*argv, "--model", str(ws["model"]), "--dtype", "float32"])
+    err = _one_line_error(capsys, code)
+    assert "nan" in err.lower() or "inf" in err.lower()
+    assert no_load == []

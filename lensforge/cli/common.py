@@ -46,7 +46,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         if "%(default)" in text or "default" in text.lower():
             return text
-        if action.default in (None, False, argparse.SUPPRESS) or action.default == []:
+        if (action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or action.default == []):
             return text
         return super()._get_help_string(action)
 
@@ -75,6 +76,27 @@ def preflight(args: argparse.Namespace) -> None:
         parse_dtype(args.dtype, args.device if getattr(args, "device", None) else "cpu")
     if getattr(args, "model", None) is not None:
         check_model_source(args.model, online=getattr(args, "online", False))
+    check_lens_folders(args)
+
+
+def check_lens_folders(args: argparse.Namespace) -> None:
+    """Read every lens folder a command names (positional lenses, --lens, --native) before
+    the model loads, so a corrupt, NaN or mismatched-config lens fails in one line without
+    waiting for the model. Binding to the model (hash, shapes) happens later, as before;
+    a path that does not exist is left to the command's own message."""
+    from lensforge.lenses import load_lens
+
+    for attr in ("lenses", "lens", "native"):
+        value = getattr(args, attr, None)
+        specs = [value] if isinstance(value, str) else value
+        if not isinstance(specs, list):
+            continue
+        for spec in specs:
+            if not isinstance(spec, str):
+                continue
+            path = Path(spec.partition("=")[2] if "=" in spec else spec)
+            if path.is_dir():
+                load_lens(path)
 
 
 def check_out_path(value: str | os.PathLike[str], *, kind: str = "folder",
