@@ -13,6 +13,8 @@ from lensforge.training.activation_cache import (
     write_cache,
 )
 
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
+
 
 def _batches(vocab: int, n: int = 3, shape: tuple[int, int] = (2, 7)):
     gen = torch.Generator().manual_seed(0)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import perturbed_copy
 
 from lensforge.analysis.early_exit_eval import (
     ExitRecords,
@@ -32,10 +33,12 @@ from lensforge.analysis.spectrum import (
     participation_ratio,
     spectral_metrics,
 )
-from lensforge.analysis.transfer import EvalSequence, perturbed_copy, transfer_eval
+from lensforge.analysis.transfer import EvalSequence, transfer_eval
 from lensforge.errors import ConfigError, LensMismatchError
 from lensforge.lenses import LowRankLens, TunedLens
 from lensforge.models import ModelAdapter
+
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
 
 
 # ------------------------------------------------------------------ spectrum

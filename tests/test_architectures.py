@@ -6,12 +6,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import GEMMA2_SOFTCAP, HIDDEN, N_LAYERS, VOCAB
+from helpers import GEMMA2_SOFTCAP, HIDDEN, N_LAYERS, VOCAB
 from torch import Tensor, nn
 
 from lensforge.errors import NonFiniteError, ShapeError, UnsupportedModelError
 from lensforge.lenses import LogitLens
 from lensforge.models import ModelAdapter
+
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
 
 # Where each family keeps its final norm (ground truth, independent of the detector).
 EXPECTED_NORM = {

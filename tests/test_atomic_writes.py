@@ -21,6 +21,8 @@ from lensforge.errors import CheckpointError
 from lensforge.lenses import load_lens
 from lensforge.storage import STEPS, _host, atomic_dir, atomic_write_text, recover_dir
 
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
+
 FILE_STEPS = ("tmp-created", "files-written", "fsynced", "new-moved")
 
 
@@ -240,6 +242,7 @@ def crashed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return root, codes
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind,step", [(k, s) for k, (_, steps) in _KINDS.items() for s in steps])
 def test_kill_at_each_step_then_next_run_finds_old_or_new(crashed: tuple[Path, dict],
                                                           kind: str, step: str) -> None:
@@ -266,6 +269,7 @@ def test_kill_at_each_step_then_next_run_finds_old_or_new(crashed: tuple[Path, d
     assert _siblings(target) == [], "the dead writer's siblings were not cleaned"
 
 
+@pytest.mark.integration
 def test_checkpoint_after_kill_mid_swap_resumes_from_old_step(crashed: tuple[Path, dict]) -> None:
     root, _ = crashed
     target = root / "checkpoint" / "old-moved" / "checkpoint"

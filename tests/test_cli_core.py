@@ -16,6 +16,8 @@ from tiny_folder import make_tiny_model_dir, write_corpus
 
 from lensforge.cli.main import main
 
+pytestmark = pytest.mark.integration  # lensforge as a user runs it
+
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = Path(__file__).resolve().parent / "cli_launcher.py"
 

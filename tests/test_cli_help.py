@@ -8,6 +8,8 @@ import pytest
 
 from lensforge.cli.main import build_parser
 
+pytestmark = pytest.mark.integration  # lensforge as a user runs it
+
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
     parser = build_parser()

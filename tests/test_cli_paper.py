@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import VOCAB, build_tiny_model, perturbed_copy
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from lensforge.analysis.transfer import perturbed_copy
 from lensforge.cli.main import main
-from tests.conftest import VOCAB, build_tiny_model
+
+pytestmark = pytest.mark.integration  # lensforge as a user runs it
 
 WORDS = ("the cat sat on a mat and dog ran to park with big red ball while bird sang "
          "in tree under blue sky at noon").split()

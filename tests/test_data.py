@@ -34,6 +34,8 @@ from lensforge.data.sources import iter_txt
 from lensforge.data.stdlib_corpus import read_stdlib_document, split_names
 from lensforge.errors import ConfigError, DataError, DataExhaustedError
 
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
+
 WORDS = "alpha beta gamma delta eps zeta eta theta iota kappa lam mu nu xi omicron pi rho".split()
 
 

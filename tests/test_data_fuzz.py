@@ -22,6 +22,8 @@ from lensforge.data.sources import (
 )
 from lensforge.errors import DataError, LensforgeError
 
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
+
 SEED = 1234
 TEXT = "The quick brown fox jumps over the lazy dog. Ünïcödé ✓ 日本語 text.\n"
 

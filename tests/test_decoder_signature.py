@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
-from conftest import build_tiny_model
+from helpers import build_tiny_model
 
 from lensforge.early_exit.families import (
     CACHE_KEYWORDS,
@@ -17,6 +17,8 @@ from lensforge.early_exit.families import (
     layer_class,
 )
 from lensforge.models import ModelAdapter
+
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
 
 # What decoder.py passes to each family's decoder layer, besides the cache, spelled out here
 # (not imported) so that a change in the decoder's call shows up as a change in this test.

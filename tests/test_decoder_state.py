@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from helpers import build_tiny_model
 
 from lensforge.early_exit import CalmPolicy, EarlyExitDecoder, generate
 from lensforge.early_exit.families import resolve
 from lensforge.errors import ConfigError
 from lensforge.lenses import LogitLens
 from lensforge.models import ModelAdapter
+
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
 
 IDS = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(4))
 

@@ -27,6 +27,8 @@ from lensforge.training import StepEvent, TrainConfig, train
 from lensforge.training.distributed import DistContext, under_torchrun
 from lensforge.training.loop import StepPlan
 
+pytestmark = pytest.mark.integration  # lensforge as a user runs it
+
 WORDS = [f"w{i}" for i in range(100)]
 SEQ_LEN = 16
 # Global budgets: 8 sequences of 16 tokens per step, 4 steps, 16 sequences of statistics.
@@ -118,6 +120,7 @@ def _torchrun(ws: Path, out: Path, *extra: str, die_after: int | None = None,
 
 
 # ------------------------------------------------------------------ fast unit checks
+@pytest.mark.unit
 def test_step_plan_keeps_global_batches_on_any_world_size() -> None:
     cfg = TrainConfig(batch_size=2, seq_len=16, tokens_per_step=128, tokens=512, init_tokens=256)
     one, two, four = (StepPlan.of(cfg, w) for w in (1, 2, 4))
@@ -128,6 +131,7 @@ def test_step_plan_keeps_global_batches_on_any_world_size() -> None:
         StepPlan.of(cfg, 8)  # 8 ranks x 2 x 16 = 256 tokens > 128 per step
 
 
+@pytest.mark.unit
 def test_no_torchrun_means_no_dist_context(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import string
 from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import build_tiny_model, tiny_config
+from helpers import build_tiny_model, char_tokenizer, tiny_config
 
 from lensforge.cli.main import main
 from lensforge.early_exit import (
@@ -25,6 +24,8 @@ from lensforge.early_exit import (
 from lensforge.errors import ConfigError, LensMismatchError, ShapeError, UnsupportedModelError
 from lensforge.lenses import LogitLens, LowRankLens, load_lens, save_lens
 from lensforge.models import ModelAdapter
+
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
 
 PROMPT_LEN = 7
 DECODER_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
@@ -392,19 +393,7 @@ def test_unsupported_families_say_what_is_supported(family):
 
 
 # ------------------------------------------------------------------------------ CLI
-def char_tokenizer():
-    """Character-level tokenizer inside the tiny models' 128-token vocabulary."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = list(string.printable[:95]) + ["\n"]
-    vocab = {"[UNK]": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<bos>",
-                                   eos_token="<eos>", pad_token="<eos>")
-
-
+@pytest.mark.integration
 def test_cli_generate(tmp_path, capsys):
     import json
 

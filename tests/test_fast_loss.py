@@ -13,6 +13,8 @@ from lensforge.models import ModelAdapter
 from lensforge.training.fast_loss import UnembedKL, fused_kl_loss_backward, target_stats
 from lensforge.training.loss import kl_loss_backward
 
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
+
 # llama: tied head; gemma2: soft-cap + (1+w) norm; phi / llama_head_bias: biased heads;
 # gpt2: LayerNorm with bias; qwen3: another RMSNorm family.
 FAMILIES = ("llama", "gemma2", "phi", "llama_head_bias", "gpt2", "qwen3")

@@ -14,6 +14,8 @@ from lensforge.lenses import load_lens
 from lensforge.models import load_model
 from lensforge.training import TrainConfig, train
 
+pytestmark = pytest.mark.integration  # lensforge as a user runs it
+
 
 @pytest.fixture(scope="module")
 def smollm2():

@@ -31,6 +31,8 @@ from lensforge.lenses import (
 from lensforge.lenses.kinds import LENS_TYPES, LogitLens
 from lensforge.storage import _host
 
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
+
 L, H, R = 2, 8, 3
 
 

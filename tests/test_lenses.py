@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HIDDEN, N_LAYERS, VOCAB
+from helpers import HIDDEN, N_LAYERS, VOCAB
 from torch import Tensor, nn
 
 from lensforge.errors import CheckpointError, ConfigError, LensMismatchError, ShapeError
@@ -26,6 +26,8 @@ from lensforge.lenses import (
 from lensforge.lenses import io as lens_io
 from lensforge.models import ModelAdapter
 from lensforge.storage import atomic_dir
+
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
 
 
 def randomize(lens: Lens, seed: int = 0) -> Lens:

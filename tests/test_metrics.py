@@ -21,6 +21,8 @@ from lensforge.metrics.report_io import (
 )
 from lensforge.viz.curves import lens_color, lens_colors, plot_layer_curves
 
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
+
 
 @pytest.fixture
 def gen() -> torch.Generator:

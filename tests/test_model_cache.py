@@ -14,6 +14,8 @@ import torch
 import lensforge.models.loading as loading
 from lensforge.models.loading import CACHE_STAMP, load_model
 
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
+
 
 def write_tiny_gguf(path: Path, seed: int = 0, hidden: int = 32, layers: int = 2,
                     heads: int = 4, kv: int = 2, ff: int = 64) -> Path:

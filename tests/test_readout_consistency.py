@@ -19,6 +19,8 @@ from lensforge.lenses.readout import Readout, _topk_by_segments
 from lensforge.metrics import LayerMetricAccumulator
 from lensforge.models import load_model
 
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
+
 SEQ, TOKENS = 12, 48
 
 
@@ -45,6 +47,7 @@ def _kl(metrics: dict, name: str) -> torch.Tensor:
     return torch.tensor(metrics[name]["kl"], dtype=torch.float64)
 
 
+@pytest.mark.integration
 def test_every_command_reports_the_same_per_layer_kl(setup, tmp_path) -> None:
     s = setup
     adapter, lenses = s["adapter"], s["lenses"]

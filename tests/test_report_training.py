@@ -12,6 +12,8 @@ from lensforge.training import TrainConfig, train
 from lensforge.viz import report
 from lensforge.viz.report import write_run_report
 
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
+
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:

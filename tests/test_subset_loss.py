@@ -19,6 +19,8 @@ from lensforge.training.subset_loss import (
     subset_kl_loss_backward,
 )
 
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
+
 RTOL = 1e-3
 
 

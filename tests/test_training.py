@@ -13,6 +13,8 @@ from lensforge.training.closed_form import MomentAccumulator, closed_form_init
 from lensforge.training.loop import lr_factor
 from lensforge.training.loss import kl_loss_backward
 
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
+
 
 def _states(adapter, seed=0, n=4, t=24):
     gen = torch.Generator().manual_seed(seed)

@@ -16,6 +16,8 @@ from lensforge.errors import DataError, NonFiniteError, ShapeError
 from lensforge.lenses import LogitLens, LowRankLens
 from lensforge.viz.tokens import _byte_level_decoder, short_token, token_decoder, visible_token
 
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
+
 
 def _lenses(adapter) -> dict:
     lora = LowRankLens.from_model(adapter, rank=4)
@@ -214,6 +216,7 @@ def tiny_model_dir(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.integration
 def test_cli_show_and_report(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     from lensforge.cli.cmd_eval import evaluate_to_folder
     from lensforge.cli.main import main

@@ -16,7 +16,7 @@ def tiny_corpus(n_docs: int = 60, seed: int = 0) -> list[str]:
 
 def make_tiny_model_dir(folder: Path, family: str = "llama", seed: int = 0) -> Path:
     """Save a tiny model of `family` and a word-level tokenizer (vocab < 128) to `folder`."""
-    from conftest import build_tiny_model
+    from helpers import build_tiny_model
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -154,17 +154,3 @@ def transfer_eval(adapter_b: object, transferred: Mapping[str, Lens], native: Ma
         raf = raf_table(results, ref_key)
     return {"results": results, "reference": None if reference is None else f"{reference} (B)",
             "raf": raf}
-
-
-# --------------------------------------------------------------- siblings
-def perturbed_copy(model: torch.nn.Module, scale: float = 0.02, seed: int = 0) -> torch.nn.Module:
-    """A sibling for tests: a deep copy with every weight w ← w + scale·std(w)·ε."""
-    import copy
-
-    sibling = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in sibling.parameters():
-            noise = torch.randn(p.shape, generator=gen).to(p.dtype)
-            p.add_(noise * scale * (p.float().std() if p.numel() > 1 else 1.0))
-    return sibling

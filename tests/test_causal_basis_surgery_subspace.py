@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import string
 
 import pytest
 import torch
-from conftest import VOCAB, build_tiny_model
+from helpers import VOCAB, build_tiny_model, char_tokenizer
 from torch import nn
 
 from lensforge.analysis.causal_basis import (
@@ -41,18 +40,7 @@ from lensforge.errors import ConfigError
 from lensforge.lenses import LogitLens
 from lensforge.models import ModelAdapter
 
-
-def char_tokenizer():
-    """Character-level tokenizer inside the tiny models' 128-token vocabulary."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = list(string.printable[:95]) + ["\n"]
-    vocab = {"[UNK]": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<bos>",
-                                   eos_token="<eos>", pad_token="<eos>")
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
 
 
 def identity_from(model: nn.Module, first: int) -> nn.Module:
@@ -308,6 +296,7 @@ def _common(folder):
             "--seq-len", "16", "--batch-size", "2"]
 
 
+@pytest.mark.integration
 def test_cli_causal_basis(model_folder, tmp_path, capsys):
     out = tmp_path / "cbe"
     rc = main(["causal-basis", *_common(model_folder), "--tokens", "64", "--layers", "0,2",
@@ -327,6 +316,7 @@ def test_cli_causal_basis(model_folder, tmp_path, capsys):
     assert rc == 2 and "hidden size" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_cli_surgery(model_folder, tmp_path, capsys):
     out = tmp_path / "surg"
     rc = main(["surgery", *_common(model_folder), "--tokens", "64", "--out", str(out)])
@@ -337,6 +327,7 @@ def test_cli_surgery(model_folder, tmp_path, capsys):
     assert (out / "surgery.png").stat().st_size > 0
 
 
+@pytest.mark.integration
 def test_cli_subspace(model_folder, tmp_path, capsys):
     out = tmp_path / "sub"
     rc = main(["subspace", *_common(model_folder), "--tokens", "64", "-m", "8",

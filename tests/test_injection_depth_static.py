@@ -4,13 +4,12 @@ slow references, and one end-to-end CLI run per subcommand."""
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_model
+from helpers import build_tiny_model, char_tokenizer
 
 from lensforge.analysis.depth import depth_study, prediction_depth
 from lensforge.analysis.injection import (
@@ -34,18 +33,7 @@ from lensforge.errors import ConfigError, UnsupportedModelError
 from lensforge.lenses import LogitLens, TunedLens, save_lens
 from lensforge.models import ModelAdapter
 
-
-def char_tokenizer():
-    """Character-level tokenizer that fits the tiny models' 128-token vocabulary."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = list(string.printable[:95]) + ["\n"]
-    vocab = {"[UNK]": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<bos>",
-                                   eos_token="<eos>", pad_token="<eos>")
+pytestmark = pytest.mark.unit  # library code on tiny models and plain data
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +266,7 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return folder, lens_dir
 
 
+@pytest.mark.integration
 def test_cli_detect(model_folder: tuple[Path, Path], tmp_path: Path) -> None:
     folder, lens = model_folder
     out = tmp_path / "detect"
@@ -290,6 +279,7 @@ def test_cli_detect(model_folder: tuple[Path, Path], tmp_path: Path) -> None:
     assert (out / "detect.png").stat().st_size > 1000
 
 
+@pytest.mark.integration
 def test_cli_depth(model_folder: tuple[Path, Path], tmp_path: Path) -> None:
     folder, lens = model_folder
     out = tmp_path / "depth"
@@ -303,6 +293,7 @@ def test_cli_depth(model_folder: tuple[Path, Path], tmp_path: Path) -> None:
     assert (out / "depth.png").stat().st_size > 1000
 
 
+@pytest.mark.integration
 def test_cli_static(model_folder: tuple[Path, Path], tmp_path: Path, capsys) -> None:
     folder, lens = model_folder
     out = tmp_path / "static"
