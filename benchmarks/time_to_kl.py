@@ -31,6 +31,8 @@ def main() -> None:
     p.add_argument("--exact-tokens", type=int, default=4096)
     p.add_argument("--subset-tokens", type=int, default=32_768)
     p.add_argument("--eval-tokens", type=int, default=2048)
+    p.add_argument("--data", default="general", help="training text")
+    p.add_argument("--losses", nargs="+", default=["fused", "subset"])
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
 
@@ -43,9 +45,10 @@ def main() -> None:
     print(f"machine: {machine_description()}; model dtype {adapter.dtype}")
     rows = []
     snapshots = {}
-    for loss, tokens in (("fused", args.exact_tokens), ("subset", args.subset_tokens)):
+    budgets = {"fused": args.exact_tokens, "subset": args.subset_tokens}
+    for loss, tokens in ((name, budgets[name]) for name in args.losses):
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = TrainConfig(model="smollm2", data="general", lens_types=["lowrank", "tuned"],
+            cfg = TrainConfig(model="smollm2", data=args.data, lens_types=["lowrank", "tuned"],
                               k=32, init_tokens=args.init_tokens, tokens=tokens,
                               tokens_per_step=2048, batch_size=4, seq_len=512, lr=3e-4,
                               loss=loss, checkpoint_every=1000, out=tmp)
@@ -65,8 +68,8 @@ def main() -> None:
                          res["alpaca:heldout"][name]["mean"]["kl"]))
             print(rows[-1])
     md = [f"Machine: {machine_description()}. SmolLM2-135M-Instruct in {str(adapter.dtype)[6:]}"
-          f" (`--dtype auto`). Both runs: closed form on {args.init_tokens:,} tokens of "
-          "`general` text, then AdamW lr 3e-4, 2,048 tokens per step, LoRA-Lens k=32 and the "
+          f" (`--dtype auto`). Every run: closed form on {args.init_tokens:,} tokens of "
+          f"`{args.data}` text, then AdamW lr 3e-4, 2,048 tokens per step, LoRA-Lens k=32 and the "
           "full-rank lens trained together. Held-out KL is exact, mean over the 30 layers, "
           f"on {args.eval_tokens:,} tokens of each source.", "",
           "| KL loss | KL tokens | lens | closed form (s) | KL phase (s) | train wall (s) "
@@ -74,10 +77,11 @@ def main() -> None:
           "|---|---:|---|---:|---:|---:|---:|---:|"]
     md += [f"| {loss} | {tok:,} | {name} | {cf:.0f} | {kl:.0f} | {w:.0f} | {a:.3f} | {b:.3f} |"
            for loss, tok, name, cf, kl, w, a, b in rows]
-    text = "## Time to held-out KL: exact vs subset (`benchmarks/time_to_kl.py`)\n\n" + "\n".join(md)
+    title = f"## Time to held-out KL: exact vs subset, `{args.data}` text (`benchmarks/time_to_kl.py`)"
+    text = title + "\n\n" + "\n".join(md)
     print(text)
     if not args.no_write:
-        update_section("time_to_kl", text)
+        update_section(f"time_to_kl_{args.data}", text)
 
 
 if __name__ == "__main__":

@@ -110,10 +110,10 @@ def lensforge_child(args: argparse.Namespace) -> None:
     from lensforge.models.loading import load_model
     from lensforge.training import TrainConfig, train
 
-    adapter = load_model("smollm2", dtype="float32")
+    adapter = load_model("smollm2", dtype=args.dtype)
     cfg = TrainConfig(lens_types=["tuned"], init="zero", optimizer="sgd",
                       tokens=args.steps * args.seq_len, tokens_per_step=args.seq_len,
-                      batch_size=1, seq_len=args.seq_len, dtype="float32",
+                      batch_size=1, seq_len=args.seq_len, dtype=args.dtype,
                       checkpoint_every=10**6, loss=args.loss, out=str(Path(args.child_out) / "run"))
     result = train(cfg, adapter, progress=False)
     out = {"step_seconds": [h["seconds"] for h in result.history],
@@ -240,7 +240,13 @@ def main() -> None:
                         "measurement on this corpus: 9.2 nats)")
     p.add_argument("--skip", nargs="*", default=[],
                    choices=["reference", "throughput", "flops", "closed-form", "lora"])
-    p.add_argument("--loss", default="fused", choices=["fused", "reference"])
+    p.add_argument("--loss", default="fused", choices=["fused", "subset", "reference"],
+                   help="loss of the single-config parts (closed-form, lora)")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                   help="model dtypes of the lensforge throughput rows")
+    p.add_argument("--losses", nargs="+", default=["fused", "subset"],
+                   help="losses of the lensforge throughput rows")
+    p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--no-write", action="store_true", help="print only")
     p.add_argument("--child", choices=["lensforge"], help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -280,13 +286,26 @@ def main() -> None:
     lines = []
 
     if "throughput" not in args.skip:
-        (work / "lf").mkdir()
-        lf = run_child([sys.executable, __file__, "--child", "lensforge", "--child-out",
-                        str(work / "lf"), "--steps", str(args.steps), "--seq-len",
-                        str(args.seq_len), "--loss", args.loss], work / "lf")
-        res["lensforge"] = lf
-        print(f"lensforge: {lf['tokens_per_s']:.2f} tok/s, peak RSS {lf['peak_rss_mb']:.0f} MB",
-              flush=True)
+        # Every (dtype, loss) row in its own process, side by side in this one run.
+        res["matrix"] = []
+        for dtype in args.dtypes:
+            for loss in args.losses:
+                folder = work / f"lf-{dtype}-{loss}"
+                folder.mkdir()
+                row = run_child([sys.executable, __file__, "--child", "lensforge",
+                                 "--child-out", str(folder), "--steps", str(args.steps),
+                                 "--seq-len", str(args.seq_len), "--loss", loss,
+                                 "--dtype", dtype], folder)
+                row.update(dtype=dtype, loss=loss)
+                res["matrix"].append(row)
+                print(f"lensforge {dtype} {loss}: {row['tokens_per_s']:.2f} tok/s, peak RSS "
+                      f"{row['peak_rss_mb']:.0f} MB", flush=True)
+                if dtype == "float32" and loss == "fused":  # the lens the closed form meets
+                    shutil.copytree(folder, work / "lf")
+        # The fp32 exact row feeds the fp32 FLOP/s section below; the matrix has the rest.
+        pick = [r for r in res["matrix"] if r["dtype"] == "float32" and r["loss"] == "fused"]
+        if pick:
+            res["lensforge"] = pick[0]
     if "reference" not in args.skip:
         py = ensure_bench_venv()
         model_dir = tuned_lens_model_dir(MODEL_DIR, work / "model-tl")
@@ -399,6 +418,25 @@ def report(res: dict) -> list[str]:
            f" tokens per side (first step excluded as warm-up), fp32 SmolLM2-135M, full-rank "
            f"tuned lens, SGD defaults, stdlib corpus; loss path `{s['loss']}`. "
            f"Total wall time {res['wall_s'] / 60:.0f} min.", ""]
+    if res.get("matrix"):
+        from _report import bf16_flags
+
+        tl = res.get("tuned_lens")
+        out += ["### Every dtype and loss against tuned-lens 0.2.0, side by side", "",
+                f"CPU bf16 flags: **{bf16_flags()}**. tuned-lens 0.2.0 runs its default "
+                "(fp32 model, bf16 autocast for the lens); each lensforge row is its own "
+                "process with the model in that dtype (the readout's matmuls follow it).", "",
+                "| lensforge model dtype | loss | tokens/s | peak RSS (MB) | x tuned-lens "
+                "tokens/s | x tuned-lens RSS |", "|---|---|---:|---:|---:|---:|"]
+        for r in res["matrix"]:
+            sp = f"{r['tokens_per_s'] / tl['tokens_per_s']:.1f}x" if tl else "—"
+            mem = f"{r['peak_rss_mb'] / tl['peak_rss_mb']:.2f}" if tl else "—"
+            out.append(f"| {r['dtype']} | {r['loss']} | {r['tokens_per_s']:.1f} | "
+                       f"{r['peak_rss_mb']:.0f} | {sp} | {mem} |")
+        if tl:
+            out.append(f"| tuned-lens 0.2.0 (fp32 + bf16 autocast) | exact | "
+                       f"{tl['tokens_per_s']:.1f} | {tl['peak_rss_mb']:.0f} | 1.0x | 1.00 |")
+        out.append("")
     if "lensforge" in res or "tuned_lens" in res:
         out += ["### Tokens/s and peak memory, side by side", "",
                 "| | tokens/s | peak RSS (MB) |", "|---|---:|---:|"]
