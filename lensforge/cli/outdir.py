@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lensforge.errors import CheckpointError, ConfigError
+from lensforge.training.distributed import launch_rank
 
 MANIFEST = ".lensforge-out.json"
 FORMAT = "lensforge.out/1"
@@ -61,7 +62,7 @@ def claim_out_dir(out: str | os.PathLike[str], *, command: str, overwrite: bool 
     folder = Path(out)
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume exclude each other; pick one")
-    active = os.environ.get("RANK", "0") == "0"
+    active = launch_rank() == 0  # under torchrun, rank 0 alone writes the folder
     if folder.is_dir():
         ours = _check_existing(folder, scope, overwrite=overwrite, resume=resume)
     else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as tdist
@@ -26,11 +27,21 @@ from torch import Tensor, nn
 
 from lensforge.errors import ConfigError
 
+if TYPE_CHECKING:
+    from lensforge.models.adapter import ModelAdapter
+    from lensforge.training.closed_form import MomentAccumulator
+
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 FSDP_NEEDS_TORCHRUN = (
     "--fsdp needs a torch.distributed job: launch with `torchrun --nproc-per-node N -m "
     "lensforge train ... --fsdp` (N=1 is fine, with --cpu-offload)"
 )
+
+
+def launch_rank() -> int:
+    """This process's rank as torchrun set it (RANK); 0 outside torchrun. Readable before
+    any process group exists, e.g. so that rank 0 alone prepares the output folder."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def under_torchrun() -> bool:
@@ -109,7 +120,7 @@ class DistContext:
             return t
         return self._sum(t.clone()) / self.world_size
 
-    def all_reduce_moments(self, moments: object) -> None:
+    def all_reduce_moments(self, moments: MomentAccumulator) -> None:
         """Sum a MomentAccumulator's statistics (n, sum_x, sum_y, xx, xy) over ranks."""
         if self.world_size == 1:
             return
@@ -138,7 +149,7 @@ class DistContext:
 
 
 # ------------------------------------------------------------------ model sharding
-def shard_model(adapter: object, ctx: DistContext | None, *,
+def shard_model(adapter: ModelAdapter, ctx: DistContext | None, *,
                 cpu_offload: bool = False) -> dict[str, int]:
     """Shard the frozen model's blocks across ranks with FSDP2 `fully_shard`.
 
