@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 DEVSTAMP := $(VENV)/.installed-dev
 
-.PHONY: run test test-slow test-browser test-floor bench bench-early-exit lint install install-dev chromium clean
+.PHONY: run test test-unit test-integration test-slow test-browser test-floor bench bench-early-exit lint install install-dev chromium clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ chromium:
 
 test: $(DEVSTAMP) chromium
 	$(PY) -m pytest -q --durations=15
+
+test-unit: $(DEVSTAMP)
+	$(PY) -m pytest -q -m "unit and not slow" --durations=15
+
+test-integration: $(DEVSTAMP) chromium
+	$(PY) -m pytest -q -m "integration and not slow" --durations=15
 
 test-slow: $(DEVSTAMP)
 	$(PY) -m pytest -q -m slow --durations=15
