@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -15,7 +16,7 @@ from torch import Tensor
 from lensforge.errors import DataError
 from lensforge.lenses import Lens, LogitLens
 from lensforge.lenses.readout import Readout
-from lensforge.metrics import LayerMetricAccumulator, relative_alignment_fidelity
+from lensforge.metrics import LayerMetricAccumulator, LayerMetrics, relative_alignment_fidelity
 from lensforge.models.adapter import ModelAdapter
 
 _ROW_NAMES = {"kl": "kl", "entropy": "entropy", "ce": "ce", "p1": "precision@1",
@@ -49,7 +50,7 @@ def evaluate(
     token_chunk: int | None = None,
     readout: Readout | None = None,
     progress: bool | None = None,
-) -> dict[str, dict]:
+) -> dict[str, LayerMetrics]:
     """Per-layer KL, CE, entropy, P@1, P@5 and surprisal for each lens (nats).
 
     `batches` yields [B, T] token ids, or (ids, mask) pairs where the Bool mask [B, T]
@@ -127,7 +128,7 @@ def _progress_bar(progress: bool | None, total: int | None, n_lenses: int) -> _B
     return _Bar(total, n_lenses) if progress else None
 
 
-def raf_table(results: Mapping[str, dict], reference: str) -> dict[str, float]:
+def raf_table(results: Mapping[str, Mapping[str, Any]], reference: str) -> dict[str, float]:
     """RAF of every lens against `reference` (mean |KL_l^A - KL_l^B| over layers)."""
     if reference not in results:
         raise DataError(f"no results for reference lens '{reference}'")

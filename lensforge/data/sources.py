@@ -14,7 +14,7 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -54,7 +54,7 @@ def iter_documents(
     text_field: str = "text",
     split: str = "train",
     hf_config: str | None = None,
-) -> Iterator[str]:
+) -> Generator[str, None, None]:
     """Yield the non-empty text documents of ``source``, streaming, in a deterministic order.
 
     ``source`` is ``"stdlib"`` / ``"stdlib:train"`` / ``"stdlib:heldout"`` (built-in corpus;
@@ -357,7 +357,7 @@ def _iter_hf_dataset(
             yield text
 
 
-def _require_nonempty(documents: Iterator[str], name: str) -> Iterator[str]:
+def _require_nonempty(documents: Iterator[str], name: str) -> Generator[str, None, None]:
     """Skip blank documents; fail loudly if nothing at all is left."""
     count = 0
     for text in documents:

@@ -28,6 +28,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -35,6 +36,9 @@ from torch import Tensor
 from lensforge.early_exit.rule import calm_threshold
 from lensforge.errors import ConfigError
 from lensforge.lenses import Lens
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import ModelAdapter
 
 
 @dataclass
@@ -50,15 +54,15 @@ class CalibrationData:
 
 
 @torch.no_grad()
-def collect(adapter: object, lens: Lens, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
+def collect(adapter: ModelAdapter, lens: Lens, sequences: Sequence[tuple[Sequence[int], Sequence[int]]],
             layers: Sequence[int], *, static: int = 1024, per_step: int = 8) -> CalibrationData:
     """Confidences and top-1s of `lens` at `layers` along (prompt ids, generated ids) pairs."""
     layers = sorted(set(int(j) for j in layers))
     if not layers or layers[0] < 1 or layers[-1] >= adapter.n_layers:
         raise ConfigError(f"calibration layers must lie in 1..{adapter.n_layers - 1}")
     steps, targets = [], []
-    conf = {"full": [], "shortlist": []}
-    top1 = {"full": [], "shortlist": []}
+    conf: dict[str, list[Tensor]] = {"full": [], "shortlist": []}
+    top1: dict[str, list[Tensor]] = {"full": [], "shortlist": []}
     V = lens.unembed.weight.shape[0]
     for prompt, tokens in sequences:
         prompt, tokens = list(prompt), list(tokens)
@@ -176,11 +180,11 @@ def load_thresholds(path: str | Path) -> dict[int, float]:
 
 
 @torch.no_grad()
-def greedy_references(adapter: object, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def greedy_references(adapter: ModelAdapter, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                       batch_size: int = 8) -> list[tuple[list[int], list[int]]]:
     """(prompt, the model's greedy continuation up to EOS) for each prompt, batched with
     left padding through HF `generate`."""
-    model = adapter.model
+    model: Any = adapter.model  # generate() and generation_config: HF's GenerationMixin
     eos = getattr(model.generation_config, "eos_token_id", None)
     eos_ids = set([eos] if isinstance(eos, int) else (eos or []))
     pad = getattr(model.generation_config, "pad_token_id", None)
@@ -210,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lensforge.lenses import load_lens
     from lensforge.models import load_model
 
-    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(main.__doc__ or "").splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--lens", required=True)

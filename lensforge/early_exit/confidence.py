@@ -53,7 +53,7 @@ class FullVocabCheck:
 
     def __init__(self, lens: Lens) -> None:
         self.lens = lens
-        self._factors: dict[int, tuple | None] = {}
+        self._factors: dict[int, tuple[Tensor, Tensor, Tensor | None] | None] = {}
 
     def _transform(self, h: Tensor, layer: int) -> Tensor:
         """lens.transform_hidden(h, layer), with a LoRA-Lens's per-layer factors cached as
@@ -69,7 +69,8 @@ class FullVocabCheck:
         f = self._factors[layer]
         if f is None or h.shape[-1] != f[0].shape[0]:
             return self.lens.transform_hidden(h, layer)
-        down, up, bias = (t if t is None else t.to(h.dtype) for t in f)
+        down, up = f[0].to(h.dtype), f[1].to(h.dtype)
+        bias = None if f[2] is None else f[2].to(h.dtype)
         out = h + (h @ down) @ up
         return out if bias is None else out + bias
 
@@ -121,6 +122,7 @@ class ScreenedCheck(FullVocabCheck):
         end = self.size + ids.numel()
         self._weight[self.size : end] = unembed.weight.index_select(0, ids)
         if self._bias is not None:
+            assert unembed.bias is not None  # _bias exists iff the unembedding has a bias
             self._bias[self.size : end] = unembed.bias.index_select(0, ids)
         self._member[ids] = True
         self._ids[self.size : end] = ids

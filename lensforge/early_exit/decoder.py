@@ -19,8 +19,9 @@ Batch size 1 (exit decisions are per token). Supported families: see SUPPORTED_F
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
@@ -32,6 +33,11 @@ from lensforge.early_exit.policy import CalmPolicy, ExitPolicy
 from lensforge.early_exit.rule import check_lambda
 from lensforge.errors import ConfigError, ShapeError
 from lensforge.lenses import Lens, check_compatible
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache, PretrainedConfig
+
+    from lensforge.models.adapter import ModelAdapter
 
 __all__ = ["SUPPORTED_FAMILIES", "EarlyExitDecoder", "GenerationResult", "KVPropagator",
            "Sampler", "generate", "propagated_kv"]
@@ -125,8 +131,8 @@ class EarlyExitDecoder:
     expected valid (`generate` checks them); `parts` is `families.resolve(adapter)`.
     """
 
-    def __init__(self, adapter: object, parts: ModelParts, *, lens: Lens | None = None,
-                 checks: Sequence[int] = (), policy: ExitPolicy | None = None,
+    def __init__(self, adapter: ModelAdapter, parts: ModelParts, *, lens: Lens | None = None,
+                 checks: Iterable[int] = (), policy: ExitPolicy | None = None,
                  check: str = "full", screen_static: int = 1024,
                  sampler: Sampler | None = None) -> None:
         self.adapter, self.parts = adapter, parts
@@ -137,12 +143,14 @@ class EarlyExitDecoder:
         self.checker = None
         self.propagate = None
         if self.checks:
+            if lens is None:
+                raise ConfigError("early exit needs a lens (or no checks to switch exits off)")
             options = {"static": screen_static} if check in ("screened", "shortlist") else {}
             self.checker = make_check(lens, check, **options)
             # Fused K/V propagation for the blocks after the first exit layer (a few MB of
             # weights copied once, before the clock starts).
             self.propagate = KVPropagator(parts.layers, min(self.checks))
-        self.cache = None
+        self.cache: DynamicCache | None = None
         self.pos = 0
         self.tokens: list[int] = []
         self.exit_layers: list[int] = []
@@ -160,7 +168,7 @@ class EarlyExitDecoder:
         from transformers import DynamicCache
 
         model = self.adapter.model
-        self.cache = DynamicCache(config=model.config)
+        self.cache = DynamicCache(config=cast("PretrainedConfig", model.config))
         out = model(input_ids=ids, use_cache=True, **{self.parts.model_cache_kw: self.cache})
         logits = out.logits[0, -1]
         token = self.sample(logits)
@@ -190,6 +198,7 @@ class EarlyExitDecoder:
             h = layer(h, **kwargs)
             if j + 1 not in self.checks:
                 continue
+            assert self.checker is not None and self.policy is not None  # set with checks
             result = self.checker(h[0, 0], j + 1, self.policy.threshold(step, j + 1))
             self.n_checks += 1
             self.n_full_checks += result.full
@@ -199,6 +208,8 @@ class EarlyExitDecoder:
                 exit_at = j + 1
                 break
         if exit_at < self.n_layers:
+            # an exit was checked, and an exiting check carries its logits
+            assert self.propagate is not None and result is not None and result.logits is not None
             self.propagate(self.cache, h, exit_at, cos, sin)
             logits = result.logits
         else:
@@ -246,7 +257,7 @@ def _checked_prompt(prompt_ids: Tensor | Sequence[int], parts: ModelParts) -> Te
 
 @torch.no_grad()
 def generate(
-    adapter: object,
+    adapter: ModelAdapter,
     lens: Lens | None,
     prompt_ids: Tensor | Sequence[int],
     max_new_tokens: int = 64,

@@ -19,10 +19,15 @@ import functools
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 from torch import nn
 
+from lensforge.early_exit.kv import DecoderLayer
 from lensforge.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import ModelAdapter
 
 # Keywords the loop passes to every decoder layer (the cache keyword apart, see below).
 LAYER_KEYWORDS = ("attention_mask", "position_ids", "use_cache", "position_embeddings")
@@ -58,14 +63,14 @@ FAMILIES: dict[str, FamilySpec] = {
 SUPPORTED_FAMILIES = tuple(FAMILIES)
 
 
-def layer_class(spec: FamilySpec) -> type:
+def layer_class(spec: FamilySpec) -> type[nn.Module]:
     """The decoder-layer class a row names, imported from the installed transformers."""
     module, name = spec.layer_class.split(":")
     return getattr(__import__(module, fromlist=[name]), name)
 
 
 @functools.cache
-def cache_keyword(cls: type, required: tuple[str, ...] = LAYER_KEYWORDS) -> str:
+def cache_keyword(cls: type[nn.Module], required: tuple[str, ...] = LAYER_KEYWORDS) -> str:
     """The keyword `cls.forward` takes the KV cache under, read from its signature once per
     class (not per step); UnsupportedModelError if it takes none the loop knows, or lacks
     one of `required` (a keyword it does not name would vanish into **kwargs)."""
@@ -89,14 +94,14 @@ class ModelParts:
     """A supported model's modules the loop drives, and the cache keywords to call them with."""
 
     spec: FamilySpec
-    embed: nn.Module
+    embed: nn.Embedding
     rotary: nn.Module
-    layers: Sequence[nn.Module]
+    layers: Sequence[DecoderLayer]
     layer_cache_kw: str  # for each decoder layer
     model_cache_kw: str  # for the full model (prefill)
 
 
-def resolve(adapter: object) -> ModelParts:
+def resolve(adapter: ModelAdapter) -> ModelParts:
     """The parts of `adapter`'s model, checked against its family's row; else
     UnsupportedModelError saying what is supported."""
     family = str(adapter.family)
@@ -126,9 +131,13 @@ def resolve(adapter: object) -> ModelParts:
             f"{', self_attn.k_norm' if spec.k_norm else ', no self_attn.k_norm'}; "
             f"supported: {supported}, transformers {TRANSFORMERS_RANGE})"
         )
-    return ModelParts(spec=spec, embed=adapter.model.get_input_embeddings(), rotary=rotary,
-                      layers=layers, layer_cache_kw=cache_keyword(type(layers[0])),
-                      model_cache_kw=cache_keyword(type(adapter.model), ("use_cache",)))
+    # (ignores: mypy takes a class object for unhashable when checking functools.cache's
+    # Hashable argument; classes are hashable)
+    return ModelParts(spec=spec, embed=adapter.input_embeddings(), rotary=rotary,
+                      layers=cast(Sequence[DecoderLayer], layers),  # checked just above
+                      layer_cache_kw=cache_keyword(type(layers[0])),  # type: ignore[arg-type]
+                      model_cache_kw=cache_keyword(type(adapter.model),  # type: ignore[arg-type]
+                                                   ("use_cache",)))
 
 
 def _uses_sliding_window(config: object, spec: FamilySpec) -> bool:

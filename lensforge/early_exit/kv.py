@@ -8,9 +8,31 @@ has one) and rotary on k. Later tokens then attend to every layer's cache as usu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from transformers import Cache
+
+
+class KVAttention(Protocol):
+    """The attention module parts CALM's state propagation reads (self_attn)."""
+
+    head_dim: int
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+
+
+class DecoderLayer(Protocol):
+    """A Hugging Face decoder layer as the early-exit loop uses it (families.resolve checks
+    a model's layers have these parts before the loop runs)."""
+
+    self_attn: KVAttention
+    input_layernorm: nn.Module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -18,7 +40,7 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def propagated_kv(layer: nn.Module, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+def propagated_kv(layer: DecoderLayer, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """K/V a skipped block caches for a token that exited with residual h.
 
     h: [1, 1, H]; cos/sin: [1, 1, head_dim] -> (k, v), each [1, n_kv_heads, 1, head_dim],
@@ -60,13 +82,14 @@ class KVPropagator:
     block's norm is not a plain RMSNorm.
     """
 
-    def __init__(self, layers: Sequence[nn.Module], first: int) -> None:
+    def __init__(self, layers: Sequence[DecoderLayer], first: int) -> None:
         self.layers, self.first = layers, first
         attn0 = layers[0].self_attn
         self.head_dim = attn0.head_dim
         self.d_kv = attn0.k_proj.weight.shape[0]
-        parts = [_rms_parts(layer.input_layernorm) for layer in layers[first:]]
-        self.fused = bool(parts) and all(p is not None for p in parts) and len(
+        maybe_parts = [_rms_parts(layer.input_layernorm) for layer in layers[first:]]
+        parts = [p for p in maybe_parts if p is not None]
+        self.fused = bool(parts) and len(parts) == len(maybe_parts) and len(
             {p[1] for p in parts}) == 1 and all(
             layer.self_attn.k_proj.weight.shape[0] == self.d_kv for layer in layers[first:])
         if not self.fused:
@@ -81,15 +104,16 @@ class KVPropagator:
         self.weight = torch.cat(rows)  # [(L - first) * 2 d_kv, H]
         self.bias = None if biases[0] is None else torch.cat(biases)
         k_norms = [getattr(layer.self_attn, "k_norm", None) for layer in layers[first:]]
-        self.k_norm = None
+        self.k_norm: tuple[Tensor, float] | None = None
         if k_norms[0] is not None:
-            kparts = [_rms_parts(n) for n in k_norms]
-            if any(p is None for p in kparts):
+            maybe_kparts = [None if n is None else _rms_parts(n) for n in k_norms]
+            kparts = [p for p in maybe_kparts if p is not None]
+            if len(kparts) != len(maybe_kparts):
                 self.fused = False
                 return
             self.k_norm = (torch.stack([p[0] for p in kparts])[:, None, :], kparts[0][1])
 
-    def __call__(self, cache: object, h: Tensor, start: int, cos: Tensor, sin: Tensor) -> None:
+    def __call__(self, cache: Cache, h: Tensor, start: int, cos: Tensor, sin: Tensor) -> None:
         """Append K/V of blocks start..L-1 for exit state h [1, 1, H] to `cache`."""
         L = len(self.layers)
         if not self.fused or start < self.first:

@@ -20,7 +20,10 @@ from lensforge.errors import ConfigError
 class ExitPolicy(Protocol):
     """What the decoder needs from an exit rule."""
 
-    patience: int  # checks before this one whose top-1 must equal this one's (0: none)
+    @property
+    def patience(self) -> int:
+        """Checks before this one whose top-1 must equal this one's (0: none)."""
+        ...
 
     def threshold(self, step: int, layer: int) -> float:
         """Confidence the check at residual `layer` of generation step `step` must exceed."""

@@ -8,13 +8,16 @@ in one batched matmul during training.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from lensforge import __version__
 from lensforge.errors import ConfigError, LensMismatchError, ShapeError
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import ModelAdapter, Unembed
 
 
 @dataclass
@@ -37,7 +40,7 @@ class LensConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> LensConfig:
+    def from_dict(cls, data: object) -> LensConfig:
         """Build from a saved config; unknown keys are ignored (newer versions may add some).
 
         Every known field is type-checked, since the dict usually comes from a file on disk:
@@ -91,11 +94,11 @@ class Lens(nn.Module):
         self.config = config
         # Not registered as a submodule: the unembedding belongs to the model and must
         # never be saved with (or trained as part of) the lens.
-        self._unembed: nn.Module | None = None
+        self._unembed: Unembed | None = None
 
     # ------------------------------------------------------------ binding
     @classmethod
-    def from_model(cls, adapter: object, **kwargs: object) -> Lens:
+    def from_model(cls, adapter: ModelAdapter, **kwargs: object) -> Lens:
         """A fresh lens sized for `adapter` (a ModelAdapter) and bound to its unembedding."""
         config = LensConfig(
             lens_type=cls.lens_type,
@@ -110,7 +113,7 @@ class Lens(nn.Module):
         lens.to(adapter.device)
         return lens.bind(adapter)
 
-    def bind(self, adapter: object, *, allow_mismatch: bool = False) -> Lens:
+    def bind(self, adapter: ModelAdapter, *, allow_mismatch: bool = False) -> Lens:
         """Attach the model's unembedding; refuse a lens built for another model."""
         check_compatible(self.config, adapter, allow_mismatch=allow_mismatch)
         # object.__setattr__: nn.Module.__setattr__ would register the unembedding as a
@@ -119,7 +122,7 @@ class Lens(nn.Module):
         return self
 
     @property
-    def unembed(self) -> nn.Module:
+    def unembed(self) -> Unembed:
         if self._unembed is None:
             raise ConfigError("lens is not bound to a model: call lens.bind(adapter) first")
         return self._unembed
@@ -168,7 +171,7 @@ class Lens(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def check_compatible(config: LensConfig, adapter: object, *, allow_mismatch: bool = False) -> None:
+def check_compatible(config: LensConfig, adapter: ModelAdapter, *, allow_mismatch: bool = False) -> None:
     """Raise LensMismatchError when a lens does not belong to this model."""
     if config.hidden_size != adapter.hidden_size or config.n_layers != adapter.n_layers:
         raise LensMismatchError(

@@ -11,6 +11,7 @@ import os
 import pickle
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -18,8 +19,11 @@ from safetensors.torch import load_file, save_file
 
 from lensforge.errors import CheckpointError, ConfigError
 from lensforge.lenses.base import Lens, LensConfig
-from lensforge.lenses.kinds import LENS_TYPES, LogitLens, TunedLens
+from lensforge.lenses.kinds import LENS_TYPES, LogitLens, LowRankLens, TunedLens
 from lensforge.storage import atomic_dir, recover_dir
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import ModelAdapter
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "lens.safetensors"
@@ -36,7 +40,7 @@ def save_lens(lens: Lens, folder: str | os.PathLike) -> Path:
 
 def load_lens(
     folder: str | os.PathLike,
-    adapter: object | None = None,
+    adapter: ModelAdapter | None = None,
     *,
     allow_mismatch: bool = False,
 ) -> Lens:
@@ -167,7 +171,7 @@ def import_tuned_lens(folder: str | os.PathLike) -> TunedLens:
         raise CheckpointError(f"{path}: the config and the tensors disagree ({len(state)} "
                               f"tensors, {L} layers with{'' if bias else 'out'} bias imply "
                               f"{L * per_layer})")
-    expected = {f"{i}.weight": (H, H) for i in range(L)}
+    expected: dict[str, tuple[int, ...]] = {f"{i}.weight": (H, H) for i in range(L)}
     if bias:
         expected.update({f"{i}.bias": (H,) for i in range(L)})
     _check_tensors(state, expected, path)
@@ -184,7 +188,7 @@ def import_tuned_lens(folder: str | os.PathLike) -> TunedLens:
     with torch.no_grad():
         for i in range(L):
             lens.weight[i].copy_(state[f"{i}.weight"])
-            if bias:
+            if lens.bias is not None:  # exists iff bias
                 lens.bias[i].copy_(state[f"{i}.bias"])
     return lens
 
@@ -215,6 +219,8 @@ def export_tuned_lens(lens: Lens, folder: str | os.PathLike) -> Path:
     """Write `lens` as a tuned-lens 0.2.0 folder; a low-rank lens exports as A·B."""
     if isinstance(lens, LogitLens):
         raise CheckpointError("the logit lens has no translators to export")
+    if not isinstance(lens, (TunedLens, LowRankLens)):
+        raise CheckpointError(f"a {lens.lens_type} lens has no translators to export")
     cfg = lens.config
     state: dict[str, torch.Tensor] = {}
     for i in range(cfg.n_layers):

@@ -23,11 +23,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lensforge.lenses.base import Lens
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import Unembed
 
 # Rows of logits per block. 256 rows keep a CPU GEMM at the machine's rate; on a GPU a
 # bigger block amortizes launches. Memory per block: rows x V x 4 bytes per buffer.
@@ -45,7 +49,7 @@ def fast_cpu_bf16() -> bool:
     return probe()
 
 
-def compute_dtype_for(unembed: torch.nn.Module, requested: torch.dtype | str | None = None
+def compute_dtype_for(unembed: Unembed, requested: torch.dtype | str | None = None
                       ) -> torch.dtype:
     """Matmul dtype: `requested`, else the model's dtype, except that half precision on a
     CPU without bf16 hardware (emulated, 2-4x slower than fp32) computes in fp32."""
@@ -61,7 +65,7 @@ def compute_dtype_for(unembed: torch.nn.Module, requested: torch.dtype | str | N
     return weight.dtype
 
 
-def quirks(unembed: torch.nn.Module) -> tuple[float, float | None]:
+def quirks(unembed: Unembed) -> tuple[float, float | None]:
     """(logit scale, soft-cap or None) of a model's unembedding."""
     return float(getattr(unembed, "logit_scale", 1.0)), getattr(unembed, "softcap", None)
 
@@ -124,7 +128,7 @@ class Readout:
     block_rows: rows of [rows, V] logits per matmul (default per device type).
     """
 
-    def __init__(self, unembed: torch.nn.Module, *, compute_dtype: torch.dtype | str | None = None,
+    def __init__(self, unembed: Unembed, *, compute_dtype: torch.dtype | str | None = None,
                  block_rows: int | None = None) -> None:
         self.unembed = unembed
         self.dtype = compute_dtype_for(unembed, compute_dtype)
@@ -252,6 +256,7 @@ class Readout:
             if ids is not None:
                 safe = ids.clamp(min=0).repeat(n)[:, None]
                 ce = (log_s - z.gather(1, safe).squeeze(1)).view(n, C)
+                assert valid is not None  # set with ids
                 out["ce"][r0:r1] = torch.where(valid, ce, torch.nan)
             else:
                 out["ce"][r0:r1] = torch.nan

@@ -1,6 +1,11 @@
 """Pure per-token lens metrics (nats), a streaming per-layer accumulator, and report I/O."""
 
-from lensforge.metrics.accumulator import PER_LAYER_METRICS, LayerMetricAccumulator
+from lensforge.metrics.accumulator import (
+    PER_LAYER_METRICS,
+    LayerMetricAccumulator,
+    LayerMetrics,
+    MeanMetrics,
+)
 from lensforge.metrics.agreement import precision_at_k, surprisal, target_rank, top2_gap
 from lensforge.metrics.divergence import (
     cross_entropy,
@@ -19,6 +24,8 @@ from lensforge.metrics.report_io import (
 __all__ = [
     "PER_LAYER_METRICS",
     "LayerMetricAccumulator",
+    "LayerMetrics",
+    "MeanMetrics",
     "cross_entropy",
     "entropy",
     "entropy_from_logprobs",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TypedDict
 
 import torch
 from torch import Tensor
@@ -16,6 +17,32 @@ from lensforge.metrics.divergence import entropy_from_logprobs, kl_from_probs_an
 _TOKEN_METRICS = ("kl", "entropy", "precision@1", "precision@5", "surprisal")
 _TARGET_METRICS = ("ce",)
 PER_LAYER_METRICS = ("kl", "ce", "ppl", "entropy", "precision@1", "precision@5", "surprisal")
+
+# What `LayerMetricAccumulator.result()` returns (plain dicts, JSON-able; keys in this order).
+# Functional syntax: "precision@1" is not an identifier.
+MeanMetrics = TypedDict("MeanMetrics", {
+    "kl": float | None, "ce": float | None, "ppl": float | None, "entropy": float | None,
+    "precision@1": float | None, "precision@5": float | None, "surprisal": float | None,
+})
+"""Unweighted average over layers of each per-layer metric (None if no layer has a value)."""
+
+LayerMetrics = TypedDict("LayerMetrics", {
+    "layers": list[int],
+    "kl": list[float | None],
+    "ce": list[float | None],
+    "ppl": list[float | None],
+    "entropy": list[float | None],
+    "precision@1": list[float | None],
+    "precision@5": list[float | None],
+    "surprisal": list[float | None],
+    "n_tokens": list[int],
+    "mean": MeanMetrics,
+    "model_ce": float | None,
+    "model_ppl": float | None,
+    "model_entropy": float | None,
+    "model_n_tokens": int,
+})
+"""Per-layer lens metrics (nats) for one lens: see `LayerMetricAccumulator.result`."""
 
 
 def _flatten(
@@ -131,6 +158,7 @@ class LayerMetricAccumulator:
         if key[0] is None or self._cached_key is None or self._cached_key[0] is not key[0] \
                 or self._cached_key[1] != key[1]:
             self._cached_key, self._cached_p = key, p_lp.exp()
+        assert self._cached_p is not None  # set above on the first chunk
         batch = {
             "kl": kl_from_probs_and_logprobs(self._cached_p, p_lp, q_lp),
             "entropy": entropy_from_logprobs(q_lp),
@@ -225,7 +253,7 @@ class LayerMetricAccumulator:
                 self._model_ce_sum += ce.double().sum().item()
                 self._model_target_count += int(valid.sum().item())
 
-    def result(self) -> dict:
+    def result(self) -> LayerMetrics:
         """Per-layer means and their averages over layers, as JSON-able python values.
 
         Returns:
@@ -235,36 +263,39 @@ class LayerMetricAccumulator:
             unweighted average over layers that have a value (None if none do);
             `model_ce`, `model_ppl`, `model_entropy` (float or None) and `model_n_tokens` (int).
         """
-        out: dict = {"layers": list(range(self.n_layers))}
+        per: dict[str, list[float | None]] = {}
         for name in _TOKEN_METRICS:
-            out[name] = [
+            per[name] = [
                 s / c if c else None for s, c in zip(self._sums[name], self._count, strict=True)
             ]
-        out["ce"] = [
+        per["ce"] = [
             s / c if c else None for s, c in zip(self._sums["ce"], self._target_count, strict=True)
         ]
-        out["ppl"] = [_safe_exp(ce) for ce in out["ce"]]
-        out["n_tokens"] = list(self._count)
-        out["mean"] = {name: _mean(out[name]) for name in PER_LAYER_METRICS}
+        per["ppl"] = [_safe_exp(ce) for ce in per["ce"]]
+        mean: MeanMetrics = {
+            "kl": _mean(per["kl"]), "ce": _mean(per["ce"]), "ppl": _mean(per["ppl"]),
+            "entropy": _mean(per["entropy"]), "precision@1": _mean(per["precision@1"]),
+            "precision@5": _mean(per["precision@5"]), "surprisal": _mean(per["surprisal"]),
+        }
         mt = self._model_target_count
-        out["model_ce"] = self._model_ce_sum / mt if mt else None
-        out["model_ppl"] = _safe_exp(out["model_ce"])
+        model_ce = self._model_ce_sum / mt if mt else None
         mc = self._model_count
-        out["model_entropy"] = self._model_entropy_sum / mc if mc else None
-        out["model_n_tokens"] = mc
-        return {key: out[key] for key in _ORDER}
-
-
-_ORDER = (
-    "layers",
-    *PER_LAYER_METRICS,
-    "n_tokens",
-    "mean",
-    "model_ce",
-    "model_ppl",
-    "model_entropy",
-    "model_n_tokens",
-)
+        return {
+            "layers": list(range(self.n_layers)),
+            "kl": per["kl"],
+            "ce": per["ce"],
+            "ppl": per["ppl"],
+            "entropy": per["entropy"],
+            "precision@1": per["precision@1"],
+            "precision@5": per["precision@5"],
+            "surprisal": per["surprisal"],
+            "n_tokens": list(self._count),
+            "mean": mean,
+            "model_ce": model_ce,
+            "model_ppl": _safe_exp(model_ce),
+            "model_entropy": self._model_entropy_sum / mc if mc else None,
+            "model_n_tokens": mc,
+        }
 
 
 def _safe_exp(x: float | None) -> float | None:

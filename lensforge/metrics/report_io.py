@@ -8,6 +8,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lensforge.errors import DataError
@@ -44,7 +45,7 @@ def _json_safe(x: object) -> object:
     return x
 
 
-def _long_rows(results: dict[str, dict]) -> list[tuple[str, str, str, str]]:
+def _long_rows(results: Mapping[str, Mapping[str, object]]) -> list[tuple[str, str, str, str]]:
     """One row per (lens, layer, metric). Per-layer lists use the layer index, `mean` entries
     use layer "mean", scalars (model_ce, ...) an empty layer. Missing values are empty."""
     rows = []
@@ -53,7 +54,7 @@ def _long_rows(results: dict[str, dict]) -> list[tuple[str, str, str, str]]:
         for metric, value in res.items():
             if metric == "layers":
                 continue
-            if isinstance(value, list) and layers is not None and len(value) == len(layers):
+            if isinstance(value, list) and isinstance(layers, Sequence) and len(value) == len(layers):
                 for layer, v in zip(layers, value, strict=True):
                     rows.append((lens, str(layer), metric, _cell(v)))
             elif isinstance(value, dict):
@@ -71,7 +72,8 @@ def _cell(v: object) -> str:
     return repr(float(v)) if isinstance(v, float) else str(v)
 
 
-def write_layer_metrics(results: dict[str, dict], out_dir: str | os.PathLike) -> tuple[Path, Path]:
+def write_layer_metrics(results: Mapping[str, Mapping[str, object]],
+                        out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Write `metrics.json` and `metrics.csv` for several lenses into `out_dir`.
 
     Args:

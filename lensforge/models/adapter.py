@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +44,7 @@ class Unembed(nn.Module):
     @property
     def weight(self) -> Tensor:
         """W_U, shape [V, H]."""
-        return self.lm_head.weight
+        return cast(Tensor, self.lm_head.weight)  # ModelAdapter checked it is 2-D
 
     @property
     def bias(self) -> Tensor | None:
@@ -84,17 +85,18 @@ class ModelAdapter:
     ) -> None:
         self.model = model
         self.model_id = model_id
-        self.tokenizer = tokenizer
-        config = getattr(model, "config", None)
+        self.tokenizer: Any = tokenizer  # a transformers tokenizer (or None)
+        config: Any = getattr(model, "config", None)  # HF config: attributes vary by family
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        self.config = text_config
-        self.family = getattr(config, "model_type", type(model).__name__)
+        self.config: Any = text_config
+        self.family: str = getattr(config, "model_type", type(model).__name__)
         n_cfg = _first_attr(text_config, ("num_hidden_layers", "n_layer", "num_layers"))
         self.paths: PartPaths = find_parts(model, n_cfg, **(parts or {}))
-        self.layers: nn.ModuleList = model.get_submodule(self.paths.layers)
+        # find_parts checked it is a ModuleList or Sequential: both index and len() alike
+        self.layers = cast(nn.ModuleList, model.get_submodule(self.paths.layers))
         norm = model.get_submodule(self.paths.norm)
         head = model.get_submodule(self.paths.lm_head)
-        if not hasattr(head, "weight") or head.weight.dim() != 2:
+        if not hasattr(head, "weight") or cast(Tensor, head.weight).dim() != 2:
             raise UnsupportedModelError(
                 f"unembedding '{self.paths.lm_head}' has no 2-D weight; pass --lm-head-path"
             )
@@ -105,7 +107,7 @@ class ModelAdapter:
             scale /= float(scaling)
         self.unembed = Unembed(norm, head, softcap=softcap or None, logit_scale=scale)
         self.n_layers = len(self.layers)
-        self.vocab_size, self.hidden_size = head.weight.shape
+        self.vocab_size, self.hidden_size = self.unembed.weight.shape
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
@@ -122,8 +124,13 @@ class ModelAdapter:
 
     @property
     def tied(self) -> bool:
-        emb = self.model.get_input_embeddings()
+        emb = self.input_embeddings()
         return emb is not None and emb.weight.data_ptr() == self.unembed.weight.data_ptr()
+
+    def input_embeddings(self) -> nn.Embedding:
+        """The model's input embedding (HF `get_input_embeddings()`)."""
+        get = cast(Callable[[], nn.Embedding], self.model.get_input_embeddings)
+        return get()
 
     def unembedding_hash(self) -> str:
         """Hash of W_U (and the final norm's weight) that ties a lens to this model.
@@ -176,7 +183,7 @@ class ModelAdapter:
             input_ids = input_ids[None]
         if input_ids.dim() != 2 or input_ids.numel() == 0:
             raise ShapeError(f"input_ids must be [batch, tokens], got {tuple(input_ids.shape)}")
-        if int(input_ids.max()) >= self.model.get_input_embeddings().num_embeddings:
+        if int(input_ids.max()) >= self.input_embeddings().num_embeddings:
             raise ShapeError("token id out of the model's vocabulary: tokenizer/model mismatch?")
         captured: dict[int, Tensor] = {}
         last = max(wanted)
@@ -280,7 +287,7 @@ class ModelAdapter:
             handle.remove()
 
 
-def _first_attr(obj: object, names: Sequence[str]) -> object | None:
+def _first_attr(obj: object, names: Sequence[str]) -> Any:
     for name in names:
         value = getattr(obj, name, None)
         if value is not None:

@@ -19,11 +19,15 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lensforge.errors import ModelLoadError
 from lensforge.models.adapter import ModelAdapter
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2"
 CACHE_STAMP = "lensforge-cache.json"
@@ -200,11 +204,13 @@ def load_model(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = "" if online or not _looks_like_hub_id(spec) else " (pass --online to download)"
         raise ModelLoadError(f"could not load model '{spec}': {first}{hint}") from exc
-    if convert:
+    # HF's `to` is typed through a functools.wraps wrapper mypy cannot bind; same call
+    module: torch.nn.Module = model
+    if convert and gguf_file is not None:  # convert implies a gguf_file
         _cache_converted(model, tokenizer, cache_dir() / "models" / spec, Path(source) / gguf_file)
-        model.to(torch_dtype)
-    model.to(device)
-    adapter = ModelAdapter(model, model_id=spec, tokenizer=tokenizer, parts=parts)
+        module.to(torch_dtype)
+    module.to(device)
+    adapter = ModelAdapter(module, model_id=spec, tokenizer=tokenizer, parts=parts)
     if verify:
         adapter.check_exactness()
     return adapter
@@ -214,7 +220,7 @@ def _looks_like_hub_id(spec: str) -> bool:
     return spec not in BUILTIN_MODELS and not Path(spec).expanduser().exists()
 
 
-def _cache_converted(model: torch.nn.Module, tokenizer: object, folder: Path,
+def _cache_converted(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path,
                      gguf: Path) -> None:
     """Save a dequantized (float32) GGUF model as a plain folder (faster next time), stamped
     so that a later lensforge can tell it from an older cache written in another dtype."""
@@ -222,7 +228,7 @@ def _cache_converted(model: torch.nn.Module, tokenizer: object, folder: Path,
 
     try:
         with atomic_dir(folder) as tmp:  # replaces an old or stamp-less cache in one step
-            model.hf_quantizer = None
+            model.hf_quantizer = None  # type: ignore[assignment]  # mypy reads it via Module.__getattr__
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             model.save_pretrained(tmp)

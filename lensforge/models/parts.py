@@ -86,6 +86,7 @@ def find_parts(
                 + (f" at '{path}'" if path else "")
                 + f"; name it by hand with {flag} (Python: load_model(..., parts=dict(...)))"
             )
+    assert layers_path is not None and norm_path is not None and head_path is not None
     if not isinstance(model.get_submodule(layers_path), (nn.ModuleList, nn.Sequential)):
         raise UnsupportedModelError(f"'{layers_path}' is not a list of blocks; pass --layers-path")
     return PartPaths(layers=layers_path, norm=norm_path, lm_head=head_path)

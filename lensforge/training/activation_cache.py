@@ -16,12 +16,16 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from lensforge.errors import DataError, LensMismatchError, ShapeError
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import ModelAdapter
 
 META = "meta.json"
 
@@ -56,7 +60,7 @@ class ActivationCacheWriter:
         self.info = CacheInfo(n_layers, hidden_size, model_id, unembed_hash, [])
 
     @classmethod
-    def for_adapter(cls, folder: str | Path, adapter: object) -> ActivationCacheWriter:
+    def for_adapter(cls, folder: str | Path, adapter: ModelAdapter) -> ActivationCacheWriter:
         return cls(folder, n_layers=adapter.n_layers, hidden_size=adapter.hidden_size,
                    model_id=adapter.model_id, unembed_hash=adapter.unembedding_hash())
 
@@ -81,7 +85,7 @@ class ActivationCacheWriter:
         return self.info
 
 
-def write_cache(folder: str | Path, adapter: object, batches: Iterable[Tensor], *,
+def write_cache(folder: str | Path, adapter: ModelAdapter, batches: Iterable[Tensor], *,
                 max_tokens: int) -> CacheInfo:
     """Run the model over `batches` ([B, T] ids) until `max_tokens`, caching every state."""
     writer = ActivationCacheWriter.for_adapter(folder, adapter)
@@ -99,7 +103,7 @@ def write_cache(folder: str | Path, adapter: object, batches: Iterable[Tensor], 
 class ActivationCache:
     """Read side: memory-mapped shards, replayed as (layer_h [L, n, H], final_h [n, H], ids)."""
 
-    def __init__(self, folder: str | Path, adapter: object | None = None) -> None:
+    def __init__(self, folder: str | Path, adapter: ModelAdapter | None = None) -> None:
         self.folder = Path(folder)
         try:
             meta = json.loads((self.folder / META).read_text())

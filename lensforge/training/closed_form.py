@@ -24,12 +24,11 @@ class MomentAccumulator:
     def __init__(self, n_layers: int, hidden_size: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float64) -> None:
         L, H = n_layers, hidden_size
-        kw = {"device": device, "dtype": dtype}
         self.n = 0
-        self.sum_x = torch.zeros(L, H, **kw)
-        self.sum_y = torch.zeros(L, H, **kw)
-        self.xx = torch.zeros(L, H, H, **kw)
-        self.xy = torch.zeros(L, H, H, **kw)
+        self.sum_x = torch.zeros(L, H, device=device, dtype=dtype)
+        self.sum_y = torch.zeros(L, H, device=device, dtype=dtype)
+        self.xx = torch.zeros(L, H, H, device=device, dtype=dtype)
+        self.xy = torch.zeros(L, H, H, device=device, dtype=dtype)
 
     def update(self, hs: Tensor, final_h: Tensor) -> None:
         """hs: [L, N, H] hidden states of layers 0..L-1; final_h: [N, H]."""

@@ -14,7 +14,7 @@ from lensforge.errors import ConfigError
 
 # Documented defaults. AdamW as in LoRA-Lens; SGD with Nesterov momentum as in
 # tuned-lens (lr 1.0 x (1 - momentum), weight decay 1e-3 toward the identity).
-OPTIMIZER_DEFAULTS = {
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "adamw": {"lr": 1e-3, "weight_decay": 0.0, "betas": (0.9, 0.999)},
     "sgd": {"lr": 0.1, "weight_decay": 1e-3, "momentum": 0.9},
 }

@@ -18,6 +18,7 @@ token chunk and shared by every layer and every lens.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -25,6 +26,9 @@ from torch import Tensor
 from lensforge.errors import NonFiniteError
 from lensforge.lenses.base import Lens
 from lensforge.lenses.readout import Readout, Workspace, compute_dtype_for, quirks
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import Unembed
 
 __all__ = ["UnembedKL", "Workspace", "compute_dtype_for", "fused_kl_loss_backward",
            "lens_logits_by_layer", "target_stats", "unembed_weight"]
@@ -35,7 +39,7 @@ __all__ = ["UnembedKL", "Workspace", "compute_dtype_for", "fused_kl_loss_backwar
 DEFAULT_BLOCK_BYTES = {"cpu": 24 * 2**20, "cuda": 2 * 2**30}
 
 
-def unembed_weight(unembed: torch.nn.Module, dtype: torch.dtype,
+def unembed_weight(unembed: Unembed, dtype: torch.dtype,
                    readout: Readout | None = None) -> Tensor:
     """W_U [V, H] in `dtype`: the readout's cached copy when it has that dtype, else a
     converted copy (no conversion in the default policy, where dtype = model dtype)."""
@@ -48,7 +52,7 @@ def unembed_weight(unembed: torch.nn.Module, dtype: torch.dtype,
 _quirks = quirks
 
 
-def target_stats(final_h: Tensor, unembed: torch.nn.Module, weight: Tensor,
+def target_stats(final_h: Tensor, unembed: Unembed, weight: Tensor,
                  bias: Tensor | None, workspace: Workspace | None = None
                  ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Target distribution of a token chunk, computed once for all layers and lenses.
@@ -143,6 +147,7 @@ class UnembedKL(torch.autograd.Function):
             lse = (m + s.log()).squeeze(-1)
             kl[r0:r1] = neg_entropy - pz + lse
             if need_grad:
+                assert grad is not None  # allocated when need_grad
                 g = e.div_(s).sub_(p)  # q - p
                 if cap_grad is not None:
                     g.mul_(cap_grad)
@@ -180,7 +185,7 @@ def fused_kl_loss_backward(
     lenses: Mapping[str, Lens],
     hs: Tensor,
     final_h: Tensor,
-    unembed: torch.nn.Module,
+    unembed: Unembed,
     *,
     scale: float = 1.0,
     token_chunk: int = 2048,
@@ -241,7 +246,7 @@ def fused_kl_loss_backward(
     return {name: (totals[i] / N).float() for i, name in enumerate(names)}
 
 
-def lens_logits_by_layer(lens: Lens, hs: Tensor, unembed: torch.nn.Module, *,
+def lens_logits_by_layer(lens: Lens, hs: Tensor, unembed: Unembed, *,
                          compute_dtype: torch.dtype | str | None = None,
                          block_bytes: int | None = None) -> Iterator[tuple[int, Tensor]]:
     """Evaluation-side fast path: yields (layer, logits [N, V] fp32) for every layer.

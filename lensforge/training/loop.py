@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -23,13 +24,18 @@ from lensforge.data import PackedTokenStream, iter_documents
 from lensforge.errors import CheckpointError, ConfigError, DataExhaustedError
 from lensforge.lenses import Lens, LowRankLens, TunedLens, load_lens, resolve_rank, save_lens
 from lensforge.lenses.readout import Readout
-from lensforge.models.adapter import ModelAdapter
+from lensforge.models.adapter import ModelAdapter, Unembed
 from lensforge.storage import atomic_dir, recover_dir
 from lensforge.training.closed_form import MomentAccumulator, closed_form_init
 from lensforge.training.config import TrainConfig
 from lensforge.training.fast_loss import fused_kl_loss_backward
 from lensforge.training.loss import kl_loss_backward
 from lensforge.training.subset_loss import subset_kl_loss_backward
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from lensforge.training.distributed import DistContext
 
 CHECKPOINT = "checkpoint"
 
@@ -81,7 +87,7 @@ def make_stream(cfg: TrainConfig, adapter: ModelAdapter, *, rank: int = 0, world
     )
 
 
-def make_optimizer(cfg: TrainConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: TrainConfig, params: Sequence[Tensor]) -> torch.optim.Optimizer:
     s = cfg.optimizer_settings()
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=s["lr"], momentum=s["momentum"], nesterov=True,
@@ -143,7 +149,7 @@ def train(
     *,
     resume: bool = False,
     progress: bool = True,
-    dist: object | None = None,
+    dist: DistContext | None = None,
     on_step: Callable[[StepEvent], None] | None = None,
 ) -> TrainResult:
     """Train lenses per `cfg` on `adapter`'s model; returns the trained lenses.
@@ -156,8 +162,8 @@ def train(
     """
     cfg.validate()
     out = Path(cfg.out)
-    rank = getattr(dist, "rank", 0)
-    world = getattr(dist, "world_size", 1)
+    rank = 0 if dist is None else dist.rank
+    world = 1 if dist is None else dist.world_size
     is_main = rank == 0
     plan = StepPlan.of(cfg, world)
     torch.manual_seed(cfg.seed)  # same seed on every rank: identical lens init
@@ -173,7 +179,7 @@ def train(
     _barrier(dist)
     ckpt = recover_dir(out / CHECKPOINT)
     resumed = resume and ckpt is not None
-    if resumed:
+    if resumed and ckpt is not None:  # (resumed implies a checkpoint)
         start_step, history, timings = _load_checkpoint(ckpt, cfg, adapter, lenses, optimizer,
                                                         stream)
         if is_main:
@@ -272,7 +278,7 @@ class StepEvent:
 
 
 def _loss(cfg: TrainConfig, lenses: dict, layer_h: Tensor, final_h: Tensor,
-          unembed: torch.nn.Module, readout: Readout, *, scale: float,
+          unembed: Unembed, readout: Readout, *, scale: float,
           draw: tuple[int, int, int] = (0, 0, 0)) -> dict[str, Tensor]:
     """One micro-batch of the configured KL loss, gradients accumulated into the lenses.
 
@@ -307,7 +313,7 @@ def _next_batch(rows: Iterator[Tensor], cfg: TrainConfig, tokens_done: int) -> T
 
 
 def _closed_form_phase(cfg: TrainConfig, adapter: ModelAdapter, lenses: dict[str, Lens],
-                       rows: Iterator[Tensor], dist: object | None, progress: bool,
+                       rows: Iterator[Tensor], dist: DistContext | None, progress: bool,
                        n_batches: int | None = None) -> None:
     moments = MomentAccumulator(adapter.n_layers, adapter.hidden_size, device=adapter.device)
     if n_batches is None:
@@ -326,7 +332,7 @@ def _closed_form_phase(cfg: TrainConfig, adapter: ModelAdapter, lenses: dict[str
     closed_form_init(lenses.values(), moments, ridge=cfg.ridge)
 
 
-def _bar(total: int, desc: str, enabled: bool) -> object | None:
+def _bar(total: int, desc: str, enabled: bool) -> tqdm | None:
     if not enabled:
         return None
     from tqdm.auto import tqdm
@@ -335,7 +341,7 @@ def _bar(total: int, desc: str, enabled: bool) -> object | None:
 
 
 def _progress(cfg: TrainConfig, start: int, enabled: bool,
-              total: int | None = None) -> object | None:
+              total: int | None = None) -> tqdm | None:
     total = cfg.total_steps if total is None else total
     bar = _bar(total, "KL fine-tuning", enabled and total > 0)
     if bar is not None:
@@ -343,7 +349,7 @@ def _progress(cfg: TrainConfig, start: int, enabled: bool,
     return bar
 
 
-def _barrier(dist: object | None) -> None:
+def _barrier(dist: DistContext | None) -> None:
     if dist is not None:
         dist.barrier()
 

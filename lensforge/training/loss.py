@@ -9,12 +9,16 @@ activation memory does not grow with L. Faster paths must match it (tests compar
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lensforge.errors import NonFiniteError
 from lensforge.lenses.base import Lens
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import Unembed
 
 
 def kl_from_logprobs(target_logp: Tensor, lens_logp: Tensor) -> Tensor:
@@ -26,7 +30,7 @@ def kl_loss_backward(
     lenses: Mapping[str, Lens],
     hs: Tensor,
     final_h: Tensor,
-    unembed: torch.nn.Module,
+    unembed: Unembed,
     *,
     scale: float = 1.0,
     token_chunk: int = 2048,

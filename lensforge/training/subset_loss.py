@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -50,6 +51,9 @@ from lensforge.errors import NonFiniteError
 from lensforge.lenses.base import Lens
 from lensforge.lenses.readout import Readout
 from lensforge.training import fast_loss
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import Unembed
 
 DEFAULT_K = 128
 DEFAULT_TAIL_SAMPLES = 256
@@ -65,7 +69,7 @@ class ChunkTarget:
     id is in that token's head); tail_p [C, m] target probabilities of the samples.
     """
 
-    def __init__(self, final_h: Tensor, unembed: torch.nn.Module, weight: Tensor,
+    def __init__(self, final_h: Tensor, unembed: Unembed, weight: Tensor,
                  bias: Tensor | None, k: int, tail_samples: int, uniform_mix: float,
                  generator: torch.Generator | None, workspace: fast_loss.Workspace,
                  exact_cross: bool = False) -> None:
@@ -90,7 +94,9 @@ class ChunkTarget:
                 self.p_w = (p.to(weight.dtype) @ weight).float()
                 if bias is not None:
                     self.p_b = p @ bias.float()
-            self.tail_idx = self.tail_logw = self.tail_p = None
+            self.tail_idx: Tensor | None = None
+            self.tail_logw: Tensor | None = None
+            self.tail_p: Tensor | None = None
             if k < V and tail_samples > 0:
                 self._sample_tail(p, V, tail_samples, uniform_mix, generator)
             # W_U rows (and bias) of each token's head and of the shared tail, gathered
@@ -98,8 +104,11 @@ class ChunkTarget:
             H = weight.shape[1]
             self.w_head = weight.index_select(0, self.head_idx.flatten()).view(C, -1, H)
             self.b_head = None if bias is None else bias.float()[self.head_idx]
-            self.w_tail = self.b_tail = self.tail_pw = None
+            self.w_tail: Tensor | None = None
+            self.b_tail: Tensor | None = None
+            self.tail_pw: Tensor | None = None
             if self.tail_idx is not None:
+                assert self.tail_p is not None and self.tail_logw is not None  # set together
                 self.w_tail = weight.index_select(0, self.tail_idx)
                 self.b_tail = None if bias is None else bias.float()[self.tail_idx]
                 # Importance-weighted target probability of each sample (0 inside the head).
@@ -151,6 +160,7 @@ def subset_kl(x: Tensor, target: ChunkTarget, weight: Tensor, scale: float,
     parts = [z_head]
     z_tail = None
     if target.w_tail is not None:
+        assert target.tail_logw is not None  # sampled with w_tail
         z_tail = _quirked((xc.reshape(R * C, H) @ target.w_tail.T).view(R, C, -1),
                           target.b_tail, scale, softcap)
         parts.append(z_tail + target.tail_logw)
@@ -163,6 +173,7 @@ def subset_kl(x: Tensor, target: ChunkTarget, weight: Tensor, scale: float,
     else:
         pz = (z_head * target.head_p).sum(-1)
         if z_tail is not None:
+            assert target.tail_pw is not None  # sampled with w_tail
             pz = pz + (z_tail * target.tail_pw).sum(-1)
     return target.neg_entropy - pz + log_z
 
@@ -198,6 +209,7 @@ class SubsetKL(torch.autograd.Function):
         mx = zh.amax(-1)  # [C, R]
         zt = slope_t = lt = None
         if target.w_tail is not None:
+            assert target.tail_logw is not None  # sampled with w_tail
             # [C, R, m] via the [R*C, m] GEMM, viewed token-major.
             zt, slope_t = _capped((xc.reshape(R * C, H) @ target.w_tail.T).float()
                                   .view(R, C, -1).transpose(0, 1), target.b_tail, scale,
@@ -219,6 +231,7 @@ class SubsetKL(torch.autograd.Function):
         else:
             pz = (zh * target.head_p[:, None]).sum(-1)
             if zt is not None:
+                assert target.tail_pw is not None  # sampled with w_tail
                 pz += (zt * target.tail_pw[:, None]).sum(-1)
         kl = (target.neg_entropy[:, None] - pz + lse).T  # [R, C]
         grad = None
@@ -231,6 +244,7 @@ class SubsetKL(torch.autograd.Function):
                 gh.mul_(slope_h)
             grad = torch.bmm(gh.to(weight.dtype), target.w_head).float()  # [C, R, H]
             if et is not None:
+                assert target.tail_pw is not None and target.w_tail is not None  # as zt
                 gt = et.mul_(inv)
                 if target.p_w is None:
                     gt.sub_(target.tail_pw[:, None])
@@ -261,7 +275,7 @@ def subset_kl_loss_backward(
     lenses: Mapping[str, Lens],
     hs: Tensor,
     final_h: Tensor,
-    unembed: torch.nn.Module,
+    unembed: Unembed,
     *,
     scale: float = 1.0,
     token_chunk: int = 2048,
