@@ -357,36 +357,3 @@ def causal_basis_report(
             "lr": lr, "tokens_per_step": tokens_per_step, "vocab_subset": vocab_subset,
             "tokens": int(hs.shape[1]), "layers": rows, "bases": bases}
 
-
-def plot_causal_fidelity(report: dict, path: str) -> None:
-    """Fig. 20 analogue: per layer, lens influence vs model influence (log-log) with ρ."""
-    import math
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in report["layers"] if "model_influence" in r]
-    if not rows:
-        return
-    cols = min(4, len(rows))
-    nrows = math.ceil(len(rows) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.0 * nrows), squeeze=False)
-    for ax, row in zip(axes.flat, rows, strict=False):
-        x = [max(e, 1e-8) for e in row["energies"]]
-        y = [max(m, 1e-8) for m in row["model_influence"]]
-        ax.scatter(x, y, c=range(len(x)), cmap="viridis", s=22)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(f"layer {row['layer']}", fontsize=9)
-        ax.text(0.04, 0.92, f"ρ = {row['spearman']:.2f}", transform=ax.transAxes, fontsize=9)
-        ax.set_xlabel("lens influence [nats]", fontsize=8)
-        ax.set_ylabel("model influence [nats]", fontsize=8)
-    for ax in list(axes.flat)[len(rows):]:
-        ax.axis("off")
-    fig.suptitle(f"Causal fidelity ({report['ablation']} ablation): {report['model_id']}",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -118,29 +118,3 @@ def residual_subspace_ablation(adapter: ModelAdapter, batches: Sequence[Tensor],
             out[key].append(total / n)
     return out
 
-
-def plot_subspace(results: dict, path: str) -> None:
-    """Per-layer KL of internal vs output removal: one panel per lens, one for the model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(f"lens: {name}", res) for name, res in results["lens"].items()]
-    if results.get("residual"):
-        panels.append(("model residual stream", results["residual"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (title, res) in zip(axes[0], panels, strict=True):
-        layers = res.get("layers", list(range(len(res["remove_internal"]))))
-        ax.plot(layers, res["remove_internal"], "o-", ms=3, label="remove internal")
-        ax.plot(layers, res["remove_output"], "s-", ms=3, label="remove output")
-        ax.set_yscale("log")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("KL(base ‖ ablated) [nats]")
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"W_U subspace ablations, output subspace m = {results['m']} of "
-                 f"{results['hidden_size']}: {results['model_id']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

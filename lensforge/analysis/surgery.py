@@ -181,38 +181,3 @@ def gradient_alignment(adapter: ModelAdapter, batches: Sequence[Tensor]) -> dict
         "random_baseline_token": random_cosine_quantiles(adapter.hidden_size),
     }
 
-
-def plot_surgery(report: dict, path: str) -> None:
-    """Fig. 19 analogue: left, cosine(update, gradient) per layer (box: per sequence) with
-    the random 5th percentile; right, loss with each block replaced by the identity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    align = report["alignment"]
-    vals = align["per_sequence_values"]
-    ax1.boxplot(vals, positions=list(range(len(vals))), whis=(5, 95), showfliers=False)
-    ax1.axhline(0, color="grey", lw=0.6)
-    base = align["random_baseline_sequence"]
-    ax1.axhline(base["p05"], color="red", ls="--", lw=0.8,
-                label=f"random 5th pct ({base['p05']:.1e})")
-    ax1.set_xlabel("layer")
-    ax1.set_ylabel("cos(h_{l+1} − h_l, ∂loss/∂h_l)")
-    ax1.set_title("update vs loss gradient (per sequence)", fontsize=9)
-    ax1.legend(fontsize=8)
-    ax1.set_xticks(range(0, len(vals), max(1, len(vals) // 10)))
-    ax1.set_xticklabels(range(0, len(vals), max(1, len(vals) // 10)))
-    surg = report["identity"]
-    ax2.plot(surg["layers"], surg["loss"], "o-", ms=3, label="block replaced by identity")
-    ax2.axhline(surg["baseline"], color="black", ls="--", lw=0.8, label="intact model")
-    ax2.set_yscale("log")
-    ax2.set_xlabel("layer")
-    ax2.set_ylabel("next-token CE [nats]")
-    ax2.set_title("loss with one block removed", fontsize=9)
-    ax2.legend(fontsize=8)
-    fig.suptitle(f"Model surgery checks: {report['model_id']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -1,38 +1,27 @@
-"""lensforge static: read parameter vectors through a lens (paper Table 3 analogue)."""
+"""lensforge static: read parameter vectors through a lens (paper Table 3 analogue).
+
+T(W) = top-k tokens of unembed(lens_l(v)) for MLP output vectors and per-head OV singular
+vectors; coherence = mean pairwise cosine of the tokens' input embeddings, against random
+vectors, per lens. Writes OUT/static.json, static.csv and static.png.
+"""
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-from pathlib import Path
 
 from lensforge.analysis.static import static_study
-from lensforge.cli.common import (
-    HelpFormatter,
-    add_model_args,
-    load_model_from_args,
-    parse_lens_specs,
-    positive,
-)
+from lensforge.cli.common import positive
+from lensforge.cli.study import Column, Report, Study, Table, study_parser
 from lensforge.errors import ConfigError
-from lensforge.lenses import LogitLens, load_lens
+from lensforge.viz.study_figures import plot_static
 
 KINDS = ("mlp_out", "ov_out", "ov_in")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "static", help="top tokens of weight vectors through a lens, with coherence scores",
-        description="T(W) = top-k tokens of unembed(lens_l(v)) for MLP output vectors and "
-                    "per-head OV singular vectors; coherence = mean pairwise cosine of the "
-                    "tokens' input embeddings, against random vectors, per lens. "
-                    "Writes OUT/static.json, static.csv and static.png.",
-        formatter_class=HelpFormatter,
-    )
-    p.add_argument("lenses", nargs="*", help="lens folders, as PATH or NAME=PATH "
-                                             "(the logit lens is always included)")
-    add_model_args(p)
+    p = study_parser(sub, "static", run_static, __doc__, out="static", lenses="*", mismatch=True,
+                     check=_kinds,
+                     help="top tokens of weight vectors through a lens, with coherence scores")
     p.add_argument("--layers", default=None,
                    help="comma-separated block indices")
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: " + ", ".join(KINDS))
@@ -41,70 +30,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-vectors", type=positive, default=256,
                    help="random subsample of vectors per (layer, kind)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--allow-mismatch", action="store_true")
-    p.add_argument("--out", default="runs/static", help="output folder")
-    p.set_defaults(func=run_static)
 
 
-def run_static(args: argparse.Namespace) -> int:
-    adapter = load_model_from_args(args)
-    lenses = {"logit": LogitLens.from_model(adapter)}
-    for name, path in parse_lens_specs(args.lenses).items():
-        lenses[name] = load_lens(path, adapter, allow_mismatch=args.allow_mismatch)
+def _kinds(args: argparse.Namespace) -> list[str]:
+    """--kinds as a list; ConfigError for an unknown kind (checked before the model loads)."""
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise ConfigError(f"unknown kinds {bad}; choose from {', '.join(KINDS)}")
+    return kinds
+
+
+def run_static(study: Study) -> Report:
+    args, adapter = study.args, study.adapter
+    lenses = study.lenses()
     L = adapter.n_layers
     try:
         layers = ([int(x) for x in args.layers.split(",")] if args.layers else
                   sorted({round(i * (L - 1) / 3) for i in range(4)}))
     except ValueError as exc:
         raise ConfigError(f"--layers must be comma-separated integers, got '{args.layers}'") from exc
-    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in KINDS]
-    if bad:
-        raise ConfigError(f"unknown kinds {bad}; choose from {', '.join(KINDS)}")
+    kinds = _kinds(args)
     result = static_study(adapter, lenses, layers, kinds=kinds, top_k=args.top_k,
                           n_singular=args.singular, max_vectors=args.max_vectors, seed=args.seed)
     result["info"] = {"model": adapter.model_id, "layers": layers, "kinds": kinds,
                       "top_k": args.top_k, "embedding": "model input embeddings (BPEmb offline: n/a)"}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "static.json").write_text(json.dumps(result, indent=2))
-    with open(out / "static.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(result["rows"][0]))
-        writer.writeheader()
-        writer.writerows(result["rows"])
-    plot_static(result, out / "static.png", title=f"{adapter.model_id}: coherence of T(W)")
-    print(f"{'lens':<12}{'kind':<9}{'layer':>6}{'real':>8}{'random':>8}")
-    for r in result["rows"]:
-        print(f"{r['lens']:<12}{r['kind']:<9}{r['layer']:>6}{r['coherence_real']:>8.3f}"
-              f"{r['coherence_random']:>8.3f}")
-    print(f"wrote {out / 'static.json'}, {out / 'static.csv'}, {out / 'static.png'}")
-    return 0
-
-
-def plot_static(result: dict, path: Path, *, title: str) -> None:
-    """One panel per kind: coherence vs layer, solid = real vectors, dashed = random."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lensforge.viz.curves import lens_color
-
-    kinds = result["info"]["kinds"]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.6), squeeze=False)
-    for ax, kind in zip(axes[0], kinds, strict=True):
-        for lens in dict.fromkeys(r["lens"] for r in result["rows"]):
-            rows = [r for r in result["rows"] if r["lens"] == lens and r["kind"] == kind]
-            xs = [r["layer"] for r in rows]
-            ax.plot(xs, [r["coherence_real"] for r in rows], "o-", color=lens_color(lens),
-                    label=f"{lens} real")
-            ax.plot(xs, [r["coherence_random"] for r in rows], "x--", color=lens_color(lens),
-                    label=f"{lens} random")
-        ax.set_title(kind, fontsize=9)
-        ax.set_xlabel("block")
-        ax.set_ylabel("mean pairwise cosine")
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    report = Report()
+    report.json("static.json", result)
+    report.records("static.csv", result["rows"], crlf=True)
+    report.figure("static.png", plot_static, result,
+                  title=f"{adapter.model_id}: coherence of T(W)")
+    report.print(Table(
+        [Column("lens", "<12"), Column("kind", "<9"), Column("layer", ">6"),
+         Column("real", ">8.3f"), Column("random", ">8.3f")],
+        [(r["lens"], r["kind"], r["layer"], r["coherence_real"], r["coherence_random"])
+         for r in result["rows"]]))
+    return report

@@ -1,38 +1,30 @@
-"""lensforge sweep: LoRA-Lens rank sweep vs the tuned lens (paper Figs. 2 and 3)."""
+"""lensforge sweep: LoRA-Lens rank sweep vs the tuned lens (paper Figs. 2 and 3).
+
+Trains the tuned lens and one LoRA-Lens per k (r = floor(H/k)) against one forward pass,
+evaluates all on the same held-out text and reports RAF against the tuned lens and parameter
+counts. Writes OUT/sweep.json, sweep.csv, metrics.json/csv, raf_vs_params.png (Fig. 2),
+kl_per_layer.png (Fig. 3) and the lenses under OUT/train/lenses/.
+"""
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-from pathlib import Path
 
 from lensforge.analysis.sweep import DEFAULT_KS, run_sweep
-from lensforge.cli.common import (
-    HelpFormatter,
-    add_data_args,
-    add_model_args,
-    load_model_from_args,
-    positive,
-)
-from lensforge.metrics import write_layer_metrics
+from lensforge.cli.common import add_data_args, positive
+from lensforge.cli.study import Column, Report, Study, Table, study_parser
 from lensforge.training import OPTIMIZER_DEFAULTS, TrainConfig
 from lensforge.viz.curves import plot_layer_curves
 from lensforge.viz.paper_figures import plot_raf_vs_params
 
+CSV_FIELDS = ("lens", "lens_type", "rank", "k", "parameters", "percent_of_tuned", "mean_kl",
+              "raf")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     d = TrainConfig()
-    p = sub.add_parser(
-        "sweep", help="train LoRA-Lenses at several k plus the tuned lens; RAF vs parameters",
-        description="Trains the tuned lens and one LoRA-Lens per k (r = floor(H/k)) against "
-                    "one forward pass, evaluates all on the same held-out text and reports "
-                    "RAF against the tuned lens and parameter counts. Writes OUT/sweep.json, "
-                    "sweep.csv, metrics.json/csv, raf_vs_params.png (Fig. 2), "
-                    "kl_per_layer.png (Fig. 3) and the lenses under OUT/train/lenses/.",
-        formatter_class=HelpFormatter,
-    )
-    add_model_args(p)
+    p = study_parser(sub, "sweep", run_sweep_cmd, __doc__, out="sweep",
+                     help="train LoRA-Lenses at several k plus the tuned lens; RAF vs parameters")
     add_data_args(p)
     p.add_argument("--ks", type=positive, nargs="+", default=list(DEFAULT_KS),
                    help="LoRA rank divisors k")
@@ -51,46 +43,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer", choices=sorted(OPTIMIZER_DEFAULTS), default=d.optimizer)
     p.add_argument("--lr", type=float, help="learning rate (unset: the optimizer's, adamw 1e-3, sgd 0.1)")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default="runs/sweep", help="output folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_sweep_cmd)
 
 
-def run_sweep_cmd(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+def run_sweep_cmd(study: Study) -> Report:
+    args = study.args
     cfg = TrainConfig(
         model=args.model, data=args.data, text_field=args.text_field,
         init="closed-form" if args.init_tokens > 0 else "zero", init_tokens=args.init_tokens,
         optimizer=args.optimizer, lr=args.lr, tokens=args.tokens,
         tokens_per_step=max(args.tokens_per_step, args.batch_size * args.seq_len),
         batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed, dtype=args.dtype,
-        device=args.device, out=str(out / "train"),
+        device=args.device, out=str(study.out / "train"),
     )
-    adapter = load_model_from_args(args)
+    adapter = study.adapter
     sweep = run_sweep(adapter, cfg, args.ks, eval_data=args.eval_data,
                       eval_tokens=args.eval_tokens, text_field=args.text_field,
                       progress=not args.no_progress, eval_seq_len=args.eval_seq_len,
                       resume=args.resume)
-    out.mkdir(parents=True, exist_ok=True)
-    write_layer_metrics(sweep["results"], out)
     summary = {k: sweep[k] for k in ("rows", "timings", "lens_dir", "config")}
     summary["model"] = adapter.describe()
-    (out / "sweep.json").write_text(json.dumps(summary, indent=2))
-    fields = ("lens", "lens_type", "rank", "k", "parameters", "percent_of_tuned", "mean_kl",
-              "raf")
-    with (out / "sweep.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fields, lineterminator="\n")
-        w.writeheader()
-        w.writerows(sweep["rows"])
-    fig2 = plot_raf_vs_params(sweep["rows"], out / "raf_vs_params.png",
-                              title=f"{adapter.model_id}: RAF vs parameters")
-    fig3 = plot_layer_curves(sweep["results"], out / "kl_per_layer.png", metrics=("kl",),
-                             title=f"{adapter.model_id}: per-layer KL")
-    print(f"{'lens':<12}{'rank':>6}{'params':>12}{'% tuned':>9}{'mean KL':>9}{'RAF':>8}")
-    for r in sweep["rows"]:
-        pct = "" if r["percent_of_tuned"] is None else f"{r['percent_of_tuned']:.1f}"
-        raf = "" if r["raf"] is None else f"{r['raf']:.3f}"
-        print(f"{r['lens']:<12}{r['rank'] or '':>6}{r['parameters']:>12,}{pct:>9}"
-              f"{r['mean_kl']:>9.3f}{raf:>8}")
-    print(f"wrote {out / 'sweep.json'}, {out / 'sweep.csv'}, {fig2}, {fig3}")
-    return 0
+    report = Report()
+    report.layer_metrics(sweep["results"], listed=())
+    report.json("sweep.json", summary)
+    report.records("sweep.csv", sweep["rows"], CSV_FIELDS)
+    report.figure("raf_vs_params.png", plot_raf_vs_params, sweep["rows"],
+                  title=f"{adapter.model_id}: RAF vs parameters")
+    report.figure("kl_per_layer.png", plot_layer_curves, sweep["results"], metrics=("kl",),
+                  title=f"{adapter.model_id}: per-layer KL")
+    report.print(Table(
+        [Column("lens", "<12"), Column("rank", ">6"), Column("params", ">12,"),
+         Column("% tuned", ">9"), Column("mean KL", ">9.3f"), Column("RAF", ">8")],
+        [(r["lens"], r["rank"] or "", r["parameters"],
+          "" if r["percent_of_tuned"] is None else f"{r['percent_of_tuned']:.1f}",
+          r["mean_kl"], "" if r["raf"] is None else f"{r['raf']:.3f}") for r in sweep["rows"]]))
+    return report

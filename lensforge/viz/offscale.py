@@ -15,6 +15,8 @@ from matplotlib.axes import Axes
 
 # The per-layer best lens (lower envelope) fills at least 1/(1 + HEADROOM) of a clipped axis.
 HEADROOM = 2.0
+# Clip only when showing everything would need more than WORTH_IT times the clipped range.
+WORTH_IT = 2.0
 # Smallest envelope span that sets the scale: a decade on a log axis, half its top on a
 # linear one, so a flat best lens does not clip everything above it.
 _MIN_SPAN_LOG = 1.0
@@ -37,8 +39,8 @@ def readable_ylim(series: Series, *, log: bool, baselines: Iterable[float] = ()
                   ) -> tuple[float, float, float] | None:
     """(bottom, cap, top) in data units: an axis from bottom to top on which the per-layer
     minimum over lenses and the baselines fill at least 1/(1 + HEADROOM) of the height, and
-    `cap` (just under top) where the points above it are marked; None when every value fits
-    under the cap anyway (no clipping needed)."""
+    `cap` (just under top) where the points above it are marked; None when the full range is
+    at most WORTH_IT times that (no clipping needed)."""
     best: dict[float, float] = {}
     top = -math.inf
     for layers, values in series.values():
@@ -56,7 +58,7 @@ def readable_ylim(series: Series, *, log: bool, baselines: Iterable[float] = ()
     lo, hi = min(scale), max(scale)
     floor = _MIN_SPAN_LOG if log else _MIN_SPAN_LINEAR * abs(hi)
     cap = hi + HEADROOM * max(hi - lo, floor, 1e-12)
-    if top <= cap:
+    if top <= lo + WORTH_IT * (cap - lo):  # a mild outlier costs less than a clipped axis
         return None
     margin = _MARGIN * (cap - lo)
     limits = (lo - margin, cap, cap + margin)
