@@ -14,7 +14,7 @@ from lensforge.cli.study import Column, Report, Table, publish
 from lensforge.viz.curves import plot_layer_curves
 from lensforge.viz.offscale import HEADROOM, readable_ylim
 
-pytestmark = pytest.mark.unit  # plain data, a monkeypatched model loader, no model
+pytestmark = pytest.mark.unit  # plain data; no model is ever loaded
 
 CLI = Path(__file__).resolve().parents[1] / "lensforge" / "cli"
 
@@ -49,6 +49,7 @@ def test_publish_writes_files_prints_in_order_and_lists_what_is_listed(tmp_path,
 
 
 # ------------------------------------------------------------------------------ runner
+@pytest.mark.integration  # the CLI as a user runs it
 def test_a_missing_lens_folder_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
     attempts: list = []
     monkeypatch.setattr(common, "load_model", lambda *a, **k: attempts.append(a))
