@@ -7,13 +7,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+from lensforge.analysis.tracking import PAPER, RECIPES
+from lensforge.viz._mpl import pyplot
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-
-from lensforge.analysis.tracking import PAPER, RECIPES  # noqa: E402
+plt = pyplot()
 
 _RECIPE_COLORS = {"tuned-lens": "#d62728", "lora-lens": "#1f77b4", "lensforge": "#2ca02c"}
 _K_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
