@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from lensforge.errors import ConfigError, DataError, ShapeError
 from lensforge.lenses.base import Lens
 from lensforge.metrics import kl_from_logprobs
-from lensforge.models.adapter import ModelAdapter
+from lensforge.models.adapter import ModelAdapter, Unembed
 
 ABLATIONS = ("mean", "zero", "resample")
 LogitsFn = Callable[[Tensor], Tensor]
@@ -72,7 +72,7 @@ def resample_permutation(n: int, seed: int = 0) -> Tensor:
 
 
 # ------------------------------------------------------------------------- lens logits
-def float32_unembed(adapter: ModelAdapter) -> nn.Module:
+def float32_unembed(adapter: ModelAdapter) -> Unembed:
     """The model's unembedding (final norm + W_U + quirks) in float32.
 
     Optimizing through a bf16 unembedding on CPU is slow and imprecise, so half-precision
@@ -91,11 +91,9 @@ def lens_logits_fn(lens: Lens, layer: int, unembed: nn.Module) -> LogitsFn:
     return logits
 
 
-def restricted_unembed(unembed: nn.Module, token_ids: Tensor) -> nn.Module:
+def restricted_unembed(unembed: Unembed, token_ids: Tensor) -> Unembed:
     """A copy of an Unembed that only computes the logits of `token_ids` (a vocabulary
     subset, for a cheaper optimization surrogate; the norm and quirks are shared)."""
-    from lensforge.models.adapter import Unembed
-
     weight = unembed.weight.detach()[token_ids].float()
     bias = None if unembed.bias is None else unembed.bias.detach()[token_ids].float()
     head = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
@@ -112,6 +110,7 @@ def top_tokens(logits_fn: LogitsFn, hidden: Tensor, n_tokens: int, chunk: int = 
     with torch.no_grad():
         total = sum(torch.softmax(logits_fn(hidden[s:s + chunk]).float(), -1).sum(0)
                     for s in range(0, hidden.shape[0], chunk))
+    assert isinstance(total, Tensor)  # hidden has at least one row
     return total.topk(min(n_tokens, total.shape[0])).indices.sort().values
 
 
@@ -206,6 +205,7 @@ def extract_causal_basis(
             return (mean_h @ u).expand(idx.shape[0])
         if ablation == "zero":
             return torch.zeros(idx.shape[0], dtype=h.dtype)
+        assert perm is not None  # ablation == "resample"
         return h[perm[idx]] @ u
 
     for _ in range(k):

@@ -8,6 +8,7 @@ disagrees. Low depth = the model "knew" its answer early.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from torch import Tensor
 from lensforge.errors import ConfigError, ShapeError
 from lensforge.lenses import Lens
 from lensforge.lenses.readout import Readout
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import ModelAdapter
 
 
 def prediction_depth(lens_top1: Tensor, final_top1: Tensor) -> Tensor:
@@ -30,7 +34,7 @@ def prediction_depth(lens_top1: Tensor, final_top1: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def depth_batch(adapter: object, lens: Lens, input_ids: Tensor,
+def depth_batch(adapter: ModelAdapter, lens: Lens, input_ids: Tensor,
                 hidden: Tensor | None = None) -> dict[str, Tensor]:
     """For a batch [B, T]: per-token depth [B, T-1], the model's loss on the next token
     [B, T-1] (nats) and whether its top-1 is right [B, T-1]. The last position has no
@@ -49,7 +53,7 @@ def depth_batch(adapter: object, lens: Lens, input_ids: Tensor,
             "correct": final_top1 == targets}
 
 
-def depth_study(adapter: object, lenses: dict[str, Lens], batches: Iterable[Tensor], *,
+def depth_study(adapter: ModelAdapter, lenses: dict[str, Lens], batches: Iterable[Tensor], *,
                 max_tokens: int) -> dict:
     """Depths for each lens on up to `max_tokens` predicted tokens. Returns per-token arrays
     ("loss", "correct", "example", "token", "depth/<lens>") and a per-lens summary with
@@ -68,6 +72,7 @@ def depth_study(adapter: object, lenses: dict[str, Lens], batches: Iterable[Tens
             out = depth_batch(adapter, lens, batch, hidden=hs)
             cols[f"depth/{name}"].append(out["depth"].reshape(-1).cpu().numpy())
             first = first or out
+        assert first is not None  # lenses is not empty
         B, T1 = first["loss"].shape
         cols["loss"].append(first["loss"].reshape(-1).cpu().numpy())
         cols["correct"].append(first["correct"].reshape(-1).cpu().numpy())

@@ -29,6 +29,8 @@ from lensforge.metrics import top2_gap
 
 if TYPE_CHECKING:
     from lensforge.analysis.transfer import EvalSequence
+    from lensforge.lenses import Lens
+    from lensforge.models.adapter import ModelAdapter
 
 
 def calm_threshold(lam: float, step: Tensor | float, avg_len: float) -> Tensor:
@@ -101,7 +103,7 @@ def exit_curve(records: ExitRecords, lambdas: Sequence[float], min_layer: int = 
 
 
 @torch.no_grad()
-def collect_exit_records(adapter: object, lens: object, sequences: Iterable[EvalSequence],
+def collect_exit_records(adapter: ModelAdapter, lens: Lens, sequences: Iterable[EvalSequence],
                          *, token_chunk: int = 512) -> ExitRecords:
     """Run the model over each sequence and record, for positions p ≥ seq.start, the
     lens's Δ and top-1 at every layer and the model's top-1. Step index i = p − start;

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from torch import Tensor
 from lensforge.errors import ConfigError, DataError
 from lensforge.lenses import Lens
 from lensforge.metrics.divergence import entropy_from_logprobs, kl_from_logprobs
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import ModelAdapter
 
 LETTERS = ("A", "B", "C", "D")
 # Injection strings, placed between the question and "Answer:". {t} is the target letter.
@@ -138,7 +142,7 @@ def instruction_pairs(instructions: Sequence[str], tokenizer: object, n: int, *,
     ]
 
 
-def answer_token_ids(tokenizer: object, letters: Sequence[str] = LETTERS) -> list[int]:
+def answer_token_ids(tokenizer: Any, letters: Sequence[str] = LETTERS) -> list[int]:
     """The token that starts each answer after "Answer:": " A" if it is one token, else "A"."""
     ids = []
     for letter in letters:
@@ -151,7 +155,7 @@ def answer_token_ids(tokenizer: object, letters: Sequence[str] = LETTERS) -> lis
 
 
 @torch.no_grad()
-def last_position_states(adapter: object, texts: Sequence[str], *,
+def last_position_states(adapter: ModelAdapter, texts: Sequence[str], *,
                          batch_size: int = 16) -> Tensor:
     """Residual streams at each text's last token: [L+1, N, H] (float32).
 
@@ -175,7 +179,7 @@ def last_position_states(adapter: object, texts: Sequence[str], *,
 
 
 @torch.no_grad()
-def trajectory_features(lens: Lens, adapter: object, states: Tensor, *, features: str = "answer",
+def trajectory_features(lens: Lens, adapter: ModelAdapter, states: Tensor, *, features: str = "answer",
                         answer_ids: Sequence[int] | None = None) -> np.ndarray:
     """states: [L+1, N, H] -> features [N, (L+1) * F] from `lens` at layers 0..L-1 and the
     model's own output at L. F = len(answer_ids) for "answer", 2 for "kl", both for "both"."""
@@ -183,10 +187,11 @@ def trajectory_features(lens: Lens, adapter: object, states: Tensor, *, features
         raise ConfigError(f"features must be answer, kl or both, got '{features}'")
     if features != "kl" and not answer_ids:
         raise ConfigError("answer features need answer token ids (multiple-choice prompts)")
+    answers = list(answer_ids or ())  # non-empty unless features == "kl" (checked above)
     n_layers = states.shape[0] - 1
     dtype = adapter.dtype
     if features == "answer":  # only the candidates' logits are needed: skip the full vocab
-        return _answer_features(lens, adapter, states, list(answer_ids))
+        return _answer_features(lens, adapter, states, answers)
     final = torch.log_softmax(adapter.final_logits(states[n_layers].to(dtype)).float(), -1)
     columns = []
     for idx in range(n_layers + 1):
@@ -196,7 +201,7 @@ def trajectory_features(lens: Lens, adapter: object, states: Tensor, *, features
             logp = final
         per_layer = []
         if features == "both":
-            per_layer.append(torch.log_softmax(logp[:, list(answer_ids)], -1))
+            per_layer.append(torch.log_softmax(logp[:, answers], -1))
         if features in ("kl", "both"):
             per_layer.append(torch.stack([kl_from_logprobs(final, logp),
                                           entropy_from_logprobs(logp)], -1))
@@ -204,7 +209,7 @@ def trajectory_features(lens: Lens, adapter: object, states: Tensor, *, features
     return torch.cat(columns, -1).numpy()
 
 
-def _answer_features(lens: Lens, adapter: object, states: Tensor, ids: list[int]) -> np.ndarray:
+def _answer_features(lens: Lens, adapter: ModelAdapter, states: Tensor, ids: list[int]) -> np.ndarray:
     """Candidate log-probs renormalized over the candidates, from the candidates' logits
     only (norm, then the W_U rows of the candidates, then the family's quirks)."""
     unembed = adapter.unembed
@@ -275,7 +280,7 @@ def _rank_auroc(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return (ranks[:, n:].sum(1) - m * (m + 1) / 2) / (m * n)
 
 
-def detect_injections(adapter: object, lenses: dict[str, Lens], pairs: Sequence[PromptPair], *,
+def detect_injections(adapter: ModelAdapter, lenses: dict[str, Lens], pairs: Sequence[PromptPair], *,
                       features: str = "answer", train_fraction: float = 0.5, n_boot: int = 1000,
                       seed: int = 0, batch_size: int = 16) -> dict:
     """Run the whole experiment. Returns {"rows": [...], "scores": {...}, "info": {...}}
@@ -323,7 +328,7 @@ def detect_injections(adapter: object, lenses: dict[str, Lens], pairs: Sequence[
 
 
 @torch.no_grad()
-def _answer_behaviour(adapter: object, clean: Tensor, injected: Tensor,
+def _answer_behaviour(adapter: ModelAdapter, clean: Tensor, injected: Tensor,
                       pairs: Sequence[PromptPair], answer_ids: Sequence[int]) -> dict:
     """How the model answers: clean accuracy and how often the injection gets its letter."""
     last = adapter.n_layers

@@ -15,11 +15,15 @@ import gc
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lensforge.errors import ConfigError
 from lensforge.lenses import LowRankLens, TunedLens, resolve_rank
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import ModelAdapter
 
 # Optimizer state tensors per parameter (fp32 moments).
 OPTIMIZER_STATES = {"adamw": 2, "sgd": 1}
@@ -95,17 +99,20 @@ def reduction_percent(full: int | float, low: int | float) -> float:
 def config_dims(config: str | os.PathLike | dict) -> tuple[int, int]:
     """(H, L) from a Hugging Face config.json (file, folder or dict); looks inside
     `text_config` for multimodal configs (Gemma 3, Llava, ...)."""
-    if not isinstance(config, dict):
+    cfg: dict[str, Any]
+    if isinstance(config, dict):
+        cfg = config
+    else:
         path = Path(config)
         if path.is_dir():
             path = path / "config.json"
         try:
-            config = json.loads(path.read_text())
+            cfg = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"no config file at {path}") from None
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-    scopes = [config.get("text_config") or {}, config]
+    scopes = [cfg.get("text_config") or {}, cfg]
     hidden = next((s[k] for s in scopes for k in _HIDDEN_KEYS if isinstance(s.get(k), int)), None)
     layers = next((s[k] for s in scopes for k in _LAYER_KEYS if isinstance(s.get(k), int)), None)
     if hidden is None or layers is None:
@@ -165,7 +172,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure_training_memory(adapter: object, batch: torch.Tensor, lens_type: str, *,
+def measure_training_memory(adapter: ModelAdapter, batch: torch.Tensor, lens_type: str, *,
                             rank: int | None = None, k: int = 32,
                             optimizer: str = "adamw", token_chunk: int = 512) -> dict:
     """Train one lens for one optimizer step on `batch` and measure its memory.
@@ -183,6 +190,7 @@ def measure_training_memory(adapter: object, batch: torch.Tensor, lens_type: str
     del hs
     gc.collect()
     cuda = adapter.device.type == "cuda"
+    peak_delta: int | None
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -196,6 +204,7 @@ def measure_training_memory(adapter: object, batch: torch.Tensor, lens_type: str
         lens = LowRankLens.from_model(adapter, rank=resolve_rank(adapter.hidden_size, rank, k))
     lens.float()
     params = list(lens.parameters())
+    opt: torch.optim.Optimizer
     if optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True)
     else:

@@ -8,14 +8,18 @@ surprisal −log p_L(argmax q_l) in nats; plus each lens's mean gap to a referen
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from lensforge.analysis.transfer import EvalSequence, evaluate_sequences
 from lensforge.lenses import Lens
 
+if TYPE_CHECKING:
+    from lensforge.models.adapter import ModelAdapter
+
 SHORTCUT_METRICS = ("precision@1", "precision@5", "surprisal")
 
 
-def shortcut_metrics(results: Mapping[str, dict], reference: str | None = None) -> dict:
+def shortcut_metrics(results: Mapping[str, Mapping[str, Any]], reference: str | None = None) -> dict:
     """Keep the shortcut metrics of `evaluate` results, and the mean absolute per-layer
     difference of each lens to `reference` (the paper's 'P@1 differences 0.04–0.08')."""
     per_lens = {
@@ -42,7 +46,7 @@ def first_layer_above(values: Sequence[float], threshold: float) -> int | None:
     return next((i for i, v in enumerate(values) if v is not None and v > threshold), None)
 
 
-def shortcut_analysis(adapter: object, lenses: Mapping[str, Lens],
+def shortcut_analysis(adapter: ModelAdapter, lenses: Mapping[str, Lens],
                       sequences: Sequence[EvalSequence], *,
                       reference: str | None = None) -> dict:
     """Evaluate `lenses` (logit lens added) on `sequences` and return `shortcut_metrics`.

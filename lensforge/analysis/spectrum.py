@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lensforge.errors import ConfigError
+from lensforge.lenses import Lens
 
 SPECTRUM_METRICS = ("effective_rank", "energy_top_half", "components_90", "participation_ratio")
 
@@ -104,7 +105,7 @@ def translator_singular_values(lens: object, idx: int) -> Tensor:
     return torch.linalg.svdvals(matrix)
 
 
-def lens_spectrum(lens: object) -> dict:
+def lens_spectrum(lens: Lens) -> dict:
     """Per-layer spectral metrics of a lens's translators, their means, and the ratios the
     paper quotes (mean effective rank / H, mean participation ratio / H)."""
     n_layers = lens.config.n_layers

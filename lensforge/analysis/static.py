@@ -21,12 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from lensforge.errors import ConfigError, UnsupportedModelError
 from lensforge.lenses import Lens
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import ModelAdapter
 
 # Leaf names of the modules we need, across families (llama/mistral/qwen/gemma/olmo/phi3,
 # gpt2, gpt-neox, phi, opt...). The parent name disambiguates gpt2's two `c_proj`s.
@@ -61,13 +65,13 @@ def _find(block: nn.Module, names: Sequence[str], parents: Sequence[str]) -> tup
 
 def _linear_weight(module: nn.Module) -> Tensor:
     """[out, in] weight of nn.Linear or GPT-2's Conv1D (which stores [in, out])."""
-    w = module.weight.detach()
+    w = cast(Tensor, module.weight).detach()
     if type(module).__name__ == "Conv1D":
         return w.T
     return w
 
 
-def block_weights(adapter: object, layer: int) -> BlockWeights:
+def block_weights(adapter: ModelAdapter, layer: int) -> BlockWeights:
     """Find the MLP down projection and attention value/output maps of block `layer`."""
     block = adapter.layers[layer]
     cfg = adapter.config
@@ -125,7 +129,7 @@ def ov_matrices(weights: BlockWeights) -> Tensor:
     return torch.stack(mats)
 
 
-def parameter_vectors(adapter: object, layer: int, kind: str, *, n_singular: int = 4,
+def parameter_vectors(adapter: ModelAdapter, layer: int, kind: str, *, n_singular: int = 4,
                       max_vectors: int | None = None, seed: int = 0) -> tuple[Tensor, list[str]]:
     """Vectors [n, H] of kind mlp_out / ov_out / ov_in from block `layer`, with labels."""
     w = block_weights(adapter, layer)
@@ -146,13 +150,13 @@ def parameter_vectors(adapter: object, layer: int, kind: str, *, n_singular: int
     return vecs, labels
 
 
-def lens_index(adapter: object, layer: int, kind: str) -> int:
+def lens_index(adapter: ModelAdapter, layer: int, kind: str) -> int:
     """Residual index the vector lives in: l+1 for what block l writes, l for what it reads."""
     return layer if kind == "ov_in" else layer + 1
 
 
 @torch.no_grad()
-def lens_logits_of_vectors(lens: Lens, adapter: object, vectors: Tensor, idx: int) -> Tensor:
+def lens_logits_of_vectors(lens: Lens, adapter: ModelAdapter, vectors: Tensor, idx: int) -> Tensor:
     """unembed(v + A_idx v) for vectors [n, H] -> logits [n, V] (float32). idx = L uses the
     model's own unembedding (the lens is the identity there)."""
     v = vectors.to(adapter.device, adapter.dtype)
@@ -162,7 +166,7 @@ def lens_logits_of_vectors(lens: Lens, adapter: object, vectors: Tensor, idx: in
     return adapter.unembed(v).float()
 
 
-def orient(vectors: Tensor, adapter: object) -> Tensor:
+def orient(vectors: Tensor, adapter: ModelAdapter) -> Tensor:
     """Fix the arbitrary sign of singular vectors: flip each so that its logit-lens
     projection promotes (max) more strongly than it suppresses (-min)."""
     logits = vectors.to(adapter.dtype) @ adapter.unembed.weight.T
@@ -187,7 +191,7 @@ def coherence(token_ids: Tensor, embeddings: Tensor) -> Tensor:
     return (gram.sum((1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)) / (k * (k - 1))
 
 
-def static_study(adapter: object, lenses: dict[str, Lens], layers: Sequence[int], *,
+def static_study(adapter: ModelAdapter, lenses: dict[str, Lens], layers: Sequence[int], *,
                  kinds: Sequence[str] = ("mlp_out", "ov_out", "ov_in"), top_k: int = 10,
                  n_singular: int = 4, max_vectors: int | None = 256, seed: int = 0,
                  chunk: int = 256) -> dict:
@@ -200,7 +204,7 @@ def static_study(adapter: object, lenses: dict[str, Lens], layers: Sequence[int]
     for layer in layers:
         if not 0 <= layer < adapter.n_layers:
             raise ConfigError(f"layer {layer} out of range 0..{adapter.n_layers - 1}")
-    emb = adapter.model.get_input_embeddings().weight.detach()
+    emb = adapter.input_embeddings().weight.detach()
     tok = adapter.tokenizer
     gen = torch.Generator().manual_seed(seed)
     rows, examples = [], []
@@ -231,7 +235,7 @@ def static_study(adapter: object, lenses: dict[str, Lens], layers: Sequence[int]
     return {"rows": rows, "examples": examples}
 
 
-def _decode(tokenizer: object, ids: Tensor) -> list[str]:
+def _decode(tokenizer: Any, ids: Tensor) -> list[str]:
     if tokenizer is None:
         return [str(i) for i in ids.tolist()]
     return [tokenizer.decode([i]) for i in ids.tolist()]

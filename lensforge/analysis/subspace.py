@@ -44,6 +44,7 @@ def output_basis(w_u: Tensor, m: int | None = None, energy: float | None = None
     v = evecs[:, order]  # [H, H], columns = right singular vectors, descending σ
     width = w.shape[1]
     if m is None:
+        assert energy is not None  # exactly one of m, energy (checked above)
         if not 0 < energy <= 1:
             raise ConfigError(f"energy threshold must be in (0, 1], got {energy}")
         cum = (sigma**2).cumsum(0) / (sigma**2).sum()

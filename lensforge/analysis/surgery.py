@@ -173,6 +173,7 @@ def gradient_alignment(adapter: ModelAdapter, batches: Sequence[Tensor]) -> dict
                         "p95": float(q[2]), "frac_negative": float((t < 0).double().mean())})
         return out
 
+    assert seq_dim is not None  # batches is not empty
     return {
         "per_sequence": summary(per_seq),
         "per_token": summary(per_tok),

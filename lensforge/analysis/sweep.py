@@ -10,12 +10,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lensforge.data import PackedTokenStream, iter_documents
 from lensforge.errors import ConfigError
 from lensforge.evaluation import evaluate, raf_table
 from lensforge.lenses import Lens
 from lensforge.training import TrainConfig, train
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import ModelAdapter
 
 DEFAULT_KS = (4, 16, 32, 64)
 
@@ -29,7 +33,7 @@ def sweep_config(base: TrainConfig, ks: Sequence[int]) -> TrainConfig:
     return dataclasses.replace(base, lens_types=["tuned"], ranks_k=list(ks), rank=None)
 
 
-def sweep_summary(results: Mapping[str, dict], lenses: Mapping[str, Lens],
+def sweep_summary(results: Mapping[str, Mapping[str, Any]], lenses: Mapping[str, Lens],
                   reference: str = "tuned") -> list[dict]:
     """One row per lens: type, rank, k, parameters, % of the tuned lens's parameters,
     mean KL and RAF against `reference`."""
@@ -52,7 +56,7 @@ def sweep_summary(results: Mapping[str, dict], lenses: Mapping[str, Lens],
     return rows
 
 
-def run_sweep(adapter: object, cfg: TrainConfig, ks: Sequence[int], *, eval_data: str,
+def run_sweep(adapter: ModelAdapter, cfg: TrainConfig, ks: Sequence[int], *, eval_data: str,
               eval_tokens: int, text_field: str = "text", progress: bool = False,
               eval_seq_len: int | None = None, resume: bool = False) -> dict:
     """Train tuned + LoRA(k for k in ks) in one run, evaluate all on held-out `eval_data`

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,7 +45,7 @@ from lensforge.training import TrainConfig, train
 from lensforge.training.loop import CHECKPOINT, StepEvent, StepPlan, lens_names
 
 # TrainConfig fields each recipe sets; everything else is shared by all recipes.
-RECIPES: dict[str, dict[str, str]] = {
+RECIPES: dict[str, dict[str, Any]] = {  # TrainConfig fields per recipe
     "tuned-lens": {"init": "zero", "optimizer": "sgd"},
     "lora-lens": {"init": "zero", "optimizer": "adamw"},
     "lensforge": {"init": "closed-form", "optimizer": "adamw"},

@@ -24,6 +24,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -38,6 +39,10 @@ from lensforge.analysis.windows import (
 )
 from lensforge.errors import ConfigError, DataError, NonFiniteError, ShapeError
 from lensforge.viz.tokens import short_token, token_decoder, visible_token
+
+if TYPE_CHECKING:
+    from lensforge.lenses import Lens
+    from lensforge.models.adapter import ModelAdapter, Unembed
 
 # STATS, LensTrajectory and the token display helpers lived here before the split into
 # trajectory_grid / viz.tokens; they stay importable from here.
@@ -106,10 +111,10 @@ class PredictionTrajectory:
     @classmethod
     def from_text(
         cls,
-        adapter: object,
+        adapter: ModelAdapter,
         text: str,
-        lenses: Mapping[str, torch.nn.Module] | Sequence[torch.nn.Module] | None = None,
-        **kwargs: object,
+        lenses: Mapping[str, Lens] | Sequence[Lens] | None = None,
+        **kwargs: Any,
     ) -> PredictionTrajectory:
         """Tokenize `text` with the adapter's tokenizer and build its trajectory.
 
@@ -120,10 +125,10 @@ class PredictionTrajectory:
     @classmethod
     def from_texts(
         cls,
-        adapter: object,
+        adapter: ModelAdapter,
         texts: Sequence[str],
-        lenses: Mapping[str, torch.nn.Module] | Sequence[torch.nn.Module] | None = None,
-        **kwargs: object,
+        lenses: Mapping[str, Lens] | Sequence[Lens] | None = None,
+        **kwargs: Any,
     ) -> list[PredictionTrajectory]:
         """Batched `from_text` for several texts (padded windows share forward passes)."""
         tokenizer = getattr(adapter, "tokenizer", None)
@@ -135,6 +140,7 @@ class PredictionTrajectory:
                 raise DataError("empty text: nothing to show")
             seqs.append(torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long))
         trajs = cls.from_ids(adapter, seqs, lenses, **kwargs)
+        assert isinstance(trajs, list)  # a list of sequences in, a list out
         for traj, text in zip(trajs, texts, strict=True):
             traj.source = text
         return trajs
@@ -142,9 +148,9 @@ class PredictionTrajectory:
     @classmethod
     def from_ids(
         cls,
-        adapter: object,
+        adapter: ModelAdapter,
         input_ids: Tensor | Sequence[int] | Sequence[Tensor],
-        lenses: Mapping[str, torch.nn.Module] | Sequence[torch.nn.Module] | None = None,
+        lenses: Mapping[str, Lens] | Sequence[Lens] | None = None,
         *,
         top_k: int = 5,
         max_tokens: int | None = None,
@@ -213,11 +219,11 @@ class PredictionTrajectory:
     def from_hidden_states(
         cls,
         hidden_states: Tensor,
-        lenses: Mapping[str, torch.nn.Module] | Sequence[torch.nn.Module],
+        lenses: Mapping[str, Lens] | Sequence[Lens],
         *,
         input_ids: Tensor | Sequence[int] | None = None,
-        unembed: torch.nn.Module | None = None,
-        tokenizer: object | None = None,
+        unembed: Unembed | None = None,
+        tokenizer: Any = None,
         top_k: int = 5,
         model_id: str = "unknown",
     ) -> PredictionTrajectory | list[PredictionTrajectory]:
@@ -263,7 +269,7 @@ class PredictionTrajectory:
         return trajs[0] if single else trajs
 
     @classmethod
-    def _assemble(cls, ids: Tensor, grids: dict[str, LensTrajectory], tokenizer: object | None,
+    def _assemble(cls, ids: Tensor, grids: dict[str, LensTrajectory], tokenizer: Any,
                   model_id: str) -> PredictionTrajectory:
         ids = ids.cpu().long()
         used = set(ids.tolist())
@@ -277,7 +283,7 @@ class PredictionTrajectory:
     # ------------------------------------------------------------- export
     def to_dict(self, *, digits: int = 4) -> dict:
         """JSON-able dict (NaN -> None); probabilities and statistics rounded to `digits`."""
-        def rounded(t: Tensor) -> list:
+        def rounded(t: Tensor) -> Any:  # nested lists of float | None
             return _nan_to_none(torch.round(t.float(), decimals=digits).tolist())
 
         return {
@@ -326,7 +332,8 @@ class PredictionTrajectory:
 
 
 # ------------------------------------------------------------------- helpers
-def _name_lenses(adapter: object | None, lenses: object) -> dict[str, torch.nn.Module]:
+def _name_lenses(adapter: ModelAdapter | None,
+                 lenses: Mapping[str, Lens] | Sequence[Lens] | Lens | None) -> dict[str, Lens]:
     if lenses is None:
         if adapter is None:
             raise ConfigError("no lenses given")

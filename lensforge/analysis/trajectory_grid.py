@@ -16,8 +16,10 @@ import torch
 from torch import Tensor
 
 from lensforge.errors import ConfigError, NonFiniteError, ShapeError
+from lensforge.lenses import Lens
 from lensforge.lenses.readout import Readout
 from lensforge.metrics import entropy_from_logprobs, kl_from_logprobs, target_rank
+from lensforge.models.adapter import Unembed
 
 # Statistic keys, in display order: a label, whether lower means "closer to the model", and
 # the color scale. KL, CE and rank are heavy-tailed (early layers of the logit lens reach
@@ -64,7 +66,7 @@ class LensTrajectory:
 
 
 @torch.no_grad()
-def lens_grids(hs: Tensor, lenses: Mapping[str, torch.nn.Module], unembed: torch.nn.Module,
+def lens_grids(hs: Tensor, lenses: Mapping[str, Lens], unembed: Unembed,
                targets: Tensor, top_k: int) -> dict[str, LensTrajectory]:
     """hs [L+1, B, T, H], targets [B, T] (-1 = none) -> name -> LensTrajectory with
     [R, B, T(, k)] tensors (sliced per sequence by the caller)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -18,6 +19,10 @@ from lensforge.data import PackedTokenStream, alpaca_instructions, format_chat, 
 from lensforge.errors import ConfigError, DataError
 from lensforge.evaluation import evaluate, raf_table
 from lensforge.lenses import Lens
+
+if TYPE_CHECKING:
+    from lensforge.metrics import LayerMetrics
+    from lensforge.models.adapter import ModelAdapter
 
 INSTRUCTION_SOURCES = ("alpaca", "builtin")
 
@@ -48,7 +53,7 @@ def instruction_prompts(source: str = "alpaca", n: int | None = None) -> list[st
 
 
 @torch.no_grad()
-def instruction_sequences(adapter: object, prompts: Sequence[str], *, new_tokens: int = 0,
+def instruction_sequences(adapter: ModelAdapter, prompts: Sequence[str], *, new_tokens: int = 0,
                           max_len: int = 512) -> list[EvalSequence]:
     """Format each prompt with the model's chat template (raw text without one) and, when
     `new_tokens` > 0, append the model's own greedy reply, so lenses are scored on what
@@ -67,7 +72,8 @@ def instruction_sequences(adapter: object, prompts: Sequence[str], *, new_tokens
         if n_prompt == 0:
             continue
         if new_tokens > 0:
-            generated = adapter.model.generate(
+            model: Any = adapter.model  # generate() is HF's GenerationMixin
+            generated = model.generate(
                 ids[None].to(adapter.device), attention_mask=torch.ones_like(ids[None]).to(
                     adapter.device), max_new_tokens=new_tokens, do_sample=False,
                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
@@ -80,7 +86,7 @@ def instruction_sequences(adapter: object, prompts: Sequence[str], *, new_tokens
     return out
 
 
-def text_sequences(adapter: object, data: str, *, text_field: str = "text", seq_len: int = 512,
+def text_sequences(adapter: ModelAdapter, data: str, *, text_field: str = "text", seq_len: int = 512,
                    max_tokens: int = 16_384) -> list[EvalSequence]:
     """Held-out packed sequences of a text source (start 0, N = seq_len)."""
     stream = PackedTokenStream(lambda: iter_documents(data, text_field=text_field,
@@ -96,7 +102,7 @@ def text_sequences(adapter: object, data: str, *, text_field: str = "text", seq_
     return out
 
 
-def load_sequences(adapter: object, *, data: str | None, instructions: str | None,
+def load_sequences(adapter: ModelAdapter, *, data: str | None, instructions: str | None,
                    n_instructions: int, new_tokens: int, seq_len: int, max_tokens: int,
                    text_field: str = "text") -> tuple[list[EvalSequence], str]:
     """Instruction sequences when `instructions` is given, else held-out text of `data`.
@@ -114,8 +120,8 @@ def load_sequences(adapter: object, *, data: str | None, instructions: str | Non
     return seqs, f"{len(seqs)} held-out sequences of {seq_len} tokens from {data}"
 
 
-def evaluate_sequences(adapter: object, lenses: Mapping[str, Lens],
-                       sequences: Iterable[EvalSequence]) -> dict[str, dict]:
+def evaluate_sequences(adapter: ModelAdapter, lenses: Mapping[str, Lens],
+                       sequences: Iterable[EvalSequence]) -> dict[str, LayerMetrics]:
     """Per-layer metrics (as `evaluate`, logit lens added) over positions ≥ seq.start of
     each sequence: the generated reply when there is one, else every position."""
     def masked() -> Iterator[tuple[Tensor, Tensor]]:
@@ -131,7 +137,7 @@ def evaluate_sequences(adapter: object, lenses: Mapping[str, Lens],
         raise DataError("no tokens to evaluate") from exc
 
 
-def transfer_eval(adapter_b: object, transferred: Mapping[str, Lens], native: Mapping[str, Lens],
+def transfer_eval(adapter_b: ModelAdapter, transferred: Mapping[str, Lens], native: Mapping[str, Lens],
                   sequences: Sequence[EvalSequence], *, reference: str | None = None) -> dict:
     """Score lenses trained on A (`transferred`) and on B (`native`) on B's sequences.
 

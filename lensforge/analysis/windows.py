@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from lensforge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import ModelAdapter
 
 # Most models' attention cost grows with the square of the window; beyond this the
 # windows gain little context and cost a lot of memory.
@@ -51,7 +55,7 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def window_and_stride(adapter: object, window: int | None,
+def window_and_stride(adapter: ModelAdapter, window: int | None,
                       stride: int | None) -> tuple[int, int]:
     """Defaults: the model's position limit (at most MAX_DEFAULT_WINDOW), stride window // 2."""
     if window is None:
@@ -64,7 +68,7 @@ def window_and_stride(adapter: object, window: int | None,
     return window, stride
 
 
-def pad_id(adapter: object) -> int:
+def pad_id(adapter: ModelAdapter) -> int:
     """The id to pad with: the tokenizer's pad token, else its EOS, else 0 (masked anyway)."""
     tok = getattr(adapter, "tokenizer", None)
     pad = getattr(tok, "pad_token_id", None) if tok is not None else None
