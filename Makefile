@@ -85,6 +85,7 @@ bench-early-exit: $(DEVSTAMP)
 
 lint: $(DEVSTAMP)
 	$(VENV)/bin/ruff check lensforge tests benchmarks
+	$(VENV)/bin/mypy lensforge
 
 clean:
 	rm -rf $(VENV) runs

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -51,7 +51,13 @@ RECIPES: dict[str, dict[str, Any]] = {  # TrainConfig fields per recipe
     "lensforge": {"init": "closed-form", "optimizer": "adamw"},
 }
 # The paper's values (LoRA-Lens §2 and Fig. 2) that the figures draw as references.
-PAPER = {"effective_rank_over_h_max": 0.03, "participation_ratio_over_h": 0.5,
+class PaperTargets(TypedDict):
+    effective_rank_over_h_max: float
+    participation_ratio_over_h: float
+    raf: tuple[float, float]
+
+
+PAPER: PaperTargets = {"effective_rank_over_h_max": 0.03, "participation_ratio_over_h": 0.5,
          "raf": (0.12, 0.15)}
 FORMAT = "lensforge.track/1"
 CSV_FIELDS = ("recipe", "milestone", "step", "tokens", "lens", "lens_type", "rank", "k",

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from lensforge.cli.common import HelpFormatter, add_model_args, load_model_from_args, positive
-from lensforge.early_exit import generate
+from lensforge.early_exit import GenerationResult, generate
 from lensforge.early_exit.rule import check_lambda
 from lensforge.errors import ConfigError
 from lensforge.lenses import load_lens
@@ -97,6 +97,7 @@ def run_generate(args: argparse.Namespace) -> int:
                       layer_thresholds=thresholds,
                       do_sample=args.sample, temperature=args.temperature, top_k=args.top_k,
                       seed=args.seed)
+    assert isinstance(result, GenerationResult)  # return_cache is off
     stats = result.summary()
     if args.json:
         print(json.dumps({"text": result.text, **stats, "exit_layers": result.exit_layers,

@@ -10,6 +10,7 @@ OUT/subspace.json, subspace.csv and subspace.png.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from lensforge.analysis.subspace import (
     lens_subspace_ablation,
@@ -78,7 +79,8 @@ def run_subspace(study: Study) -> Report:
     if args.residual_layers != "none":
         layers = parse_layers(args.residual_layers, adapter.n_layers)
         res_batches = first_tokens(batches, res_tokens)
-        residual = residual_subspace_ablation(adapter, res_batches, q_out, q_int, layers)
+        residual: dict[str, Any] = residual_subspace_ablation(adapter, res_batches, q_out, q_int,
+                                                              layers)
         residual["layers"] = layers
         residual["tokens"] = sum(b.numel() for b in res_batches)
         results["residual"] = residual

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from lensforge.cli.common import (
     HelpFormatter,
@@ -27,7 +28,7 @@ from lensforge.training.distributed import (
 TRAIN_OUTPUTS = ("checkpoint", "lenses", "train_history.json")
 
 
-def _field_option(g: argparse._ArgumentGroup, *flags: str, name: str, **kwargs: object) -> None:
+def _field_option(g: argparse._ArgumentGroup, *flags: str, name: str, **kwargs: Any) -> None:
     """Add the option of TrainConfig field `name`; its default and help come from the field."""
     g.add_argument(*flags, dest=name, default=getattr(_DEFAULTS, name), help=field_help(name),
                    **kwargs)
@@ -114,6 +115,7 @@ def run_train(args: argparse.Namespace) -> int:
         adapter = load_model_from_args(args)
         if args.fsdp:
             info = shard_model(adapter, ctx, cpu_offload=args.cpu_offload)
+            assert ctx is not None  # shard_model refuses a run outside torchrun
             if ctx.is_main:
                 print(f"fsdp: {info['blocks']} blocks sharded over {ctx.world_size} ranks; rank 0 "
                       f"holds {info['local_block_params']:,} of {info['block_params']:,} block "

@@ -42,7 +42,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every subcommand's --help: a default printed once, and only when it says something
     (not for None, flags that are off, or help text that already states one)."""
 
-    def _get_help_string(self, action: argparse.Action) -> str:
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         if "%(default)" in text or "default" in text.lower():
             return text
@@ -162,10 +162,11 @@ def parse_lens_specs(specs: list[str]) -> dict[str, Path]:
     return out
 
 
-def print_table(results: dict[str, dict], *, raf: dict[str, float] | None = None) -> None:
-    """A short per-lens summary: mean KL, CE, P@1 over layers."""
-    print(f"{'lens':<14}{'mean KL':>10}{'mean CE':>10}{'P@1':>8}{'RAF':>8}")
-    for name, res in results.items():
-        mean = res["mean"]
-        r = "" if not raf or name not in raf else f"{raf[name]:.3f}"
-        print(f"{name:<14}{mean['kl']:>10.3f}{mean['ce']:>10.3f}{mean['precision@1']:>8.3f}{r:>8}")
+def check_new_out(out: str | os.PathLike[str]) -> Path:
+    """ConfigError unless ``out`` is a folder we may create: absent, or an empty folder
+    (a lens folder is replaced whole, so anything already there would be lost)."""
+    path = check_out_path(out, kind="folder", option="OUT")
+    if path.is_dir() and any(path.iterdir()):
+        raise ConfigError(f"OUT {out} already exists and is not empty; choose a new folder "
+                          "(lensforge never replaces files it did not write)")
+    return path

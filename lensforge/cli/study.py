@@ -54,7 +54,7 @@ def command_parser(sub: argparse._SubParsersAction, name: str, func: Callable[..
 def study_parser(sub: argparse._SubParsersAction, name: str, body: StudyFn, doc: str | None,
                  *, help: str, out: str, lenses: str | None = None,
                  lens_help: str = LENSES_HELP, mismatch: bool | str = False, model: bool = True,
-                 check: Callable[[argparse.Namespace], None] | None = None,
+                 check: Callable[[argparse.Namespace], object] | None = None,
                  lens_args: Sequence[str] = ("lenses",)) -> argparse.ArgumentParser:
     """`command_parser` for a study: `name` runs `body` through `run_study`, with positional
     lens folders (`lenses` is their nargs; None: none), --allow-mismatch (if `mismatch`; a
@@ -187,7 +187,7 @@ class Report:
         """`plot(data, path, **kwargs)`, the convention of every lensforge.viz figure."""
         self.file(name, lambda path: plot(data, path, **kwargs))
 
-    def layer_metrics(self, results: Mapping[str, dict],
+    def layer_metrics(self, results: Mapping[str, Mapping[str, Any]],
                       listed: Sequence[str] = ("metrics.json",)) -> None:
         """metrics.json and metrics.csv: per-layer metrics per lens."""
         self.file("metrics.json", lambda path: write_layer_metrics(results, path.parent),
@@ -214,7 +214,7 @@ StudyFn = Callable[[Study], Report]
 
 
 def run_study(args: argparse.Namespace, *, body: StudyFn,
-              check: Callable[[argparse.Namespace], None] | None = None,
+              check: Callable[[argparse.Namespace], object] | None = None,
               lens_args: Sequence[str] = ("lenses",)) -> int:
     """Checks, the study, its files and summary (see the module docstring); exit code 0."""
     for attr in lens_args:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _backend_set = False
 
@@ -22,7 +26,7 @@ def pyplot() -> ModuleType:
     return plt
 
 
-def save_figure(fig: object, path: str | os.PathLike, *, dpi: int, tight: bool = True,
+def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int, tight: bool = True,
                 bbox_inches: str | None = None) -> Path:
     """Lay out (tight_layout unless `tight=False`), write `path` (its folder made), close."""
     out = Path(path)

@@ -122,8 +122,10 @@ def _draw_panel(ax: Axes, metric: str, results: dict[str, dict], colors: dict[st
     if baseline_key is not None:
         baselines = {r.get(baseline_key) for r in results.values()} - {None}
         if len(baselines) == 1:
+            baseline = baselines.pop()
+            assert baseline is not None  # None was removed
             ax.axhline(
-                baselines.pop(),
+                baseline,
                 color="black",
                 linestyle="--",
                 linewidth=1.3,

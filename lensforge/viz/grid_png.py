@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.colors import LinearSegmentedColormap, Normalize
+from matplotlib.colors import Colormap, LinearSegmentedColormap, Normalize
 from matplotlib.ticker import FuncFormatter
 
 from lensforge.analysis.trajectory import STATS, PredictionTrajectory, short_token
@@ -63,7 +63,7 @@ def plot_trajectory_grid(
     stop = min(T, start + max(1, max_positions))
     R = traj.n_rows
     lower_is_better = bool(STATS[stat]["lower_is_better"])
-    cmap = LinearSegmentedColormap.from_list("lensforge", PALETTE if lower_is_better
+    cmap: Colormap = LinearSegmentedColormap.from_list("lensforge", PALETTE if lower_is_better
                                              else PALETTE[::-1])
     cmap = cmap.with_extremes(bad="#e8e8e8")
     lo, hi = traj.stat_range(stat, names)

@@ -20,6 +20,7 @@ import math
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any, TypeGuard
 
 from lensforge.analysis.trajectory import STATS, PredictionTrajectory, visible_token
 from lensforge.errors import ConfigError
@@ -30,7 +31,7 @@ STAT_SHORT = {"entropy": "entropy", "kl": "KL to final", "max_prob": "max p",
 
 def asset_text(name: str) -> str:
     """Text of a file shipped in lensforge/viz/assets/."""
-    return resources.files("lensforge.viz").joinpath("assets", name).read_text(encoding="utf-8")
+    return resources.files("lensforge.viz").joinpath("assets").joinpath(name).read_text(encoding="utf-8")
 
 
 def json_for_script(obj: object) -> str:
@@ -88,7 +89,7 @@ def trajectory_payload(
     }
 
 
-def trajectory_fragment(traj: PredictionTrajectory, **kwargs: object) -> str:
+def trajectory_fragment(traj: PredictionTrajectory, **kwargs: Any) -> str:
     """One `<div class="lf-traj">` widget (needs `page_head` styles and `page_script`)."""
     payload = trajectory_payload(traj, **kwargs)
     return ('<div class="lf-traj"><script type="application/json" class="lf-data">'
@@ -142,7 +143,7 @@ def trajectory_html(
 def write_trajectory_html(
     trajs: PredictionTrajectory | Sequence[PredictionTrajectory],
     path: str | Path,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> Path:
     """Write `trajectory_html(...)` to `path` (UTF-8); returns the path."""
     out = Path(path)
@@ -158,5 +159,5 @@ def image_data_uri(path: str | Path) -> str:
     return f"data:{mime};base64," + base64.b64encode(p.read_bytes()).decode()
 
 
-def is_finite_number(x: object) -> bool:
+def is_finite_number(x: object) -> TypeGuard[int | float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -62,7 +62,7 @@ def readable_ylim(series: Series, *, log: bool, baselines: Iterable[float] = ()
         return None
     margin = _MARGIN * (cap - lo)
     limits = (lo - margin, cap, cap + margin)
-    return tuple(10.0**u for u in limits) if log else limits  # type: ignore[return-value]
+    return tuple(10.0**u for u in limits) if log else limits
 
 
 def mark_off_scale(ax: Axes, series: Series, limits: tuple[float, float, float],

@@ -8,18 +8,23 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lensforge.viz._mpl import pyplot, save_figure
 from lensforge.viz.curves import lens_colors
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 plt = pyplot()
 
 
-def _save(fig: plt.Figure, path: str | os.PathLike) -> Path:
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
     return save_figure(fig, path, dpi=130)
 
 
-def _style(ax: plt.Axes) -> None:
+def _style(ax: Axes) -> None:
     ax.grid(True, alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
 

@@ -12,11 +12,16 @@ from __future__ import annotations
 import html
 import json
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lensforge.errors import DataError, LensforgeError
 from lensforge.storage import atomic_write_text
 from lensforge.viz.html import html_page, image_data_uri, is_finite_number, trajectory_fragment
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import ModelAdapter
 
 REPORT_NAME = "report.html"
 
@@ -27,7 +32,7 @@ def write_run_report(
     out: Path | None = None,
     samples: int = 3,
     sample_tokens: int = 40,
-    adapter: object | None = None,
+    adapter: ModelAdapter | None = None,
 ) -> Path:
     """Write RUN_DIR/report.html (or `out`) and return its path.
 
@@ -123,7 +128,7 @@ def training_panel(history: list[dict]) -> tuple[str, dict[str, tuple[list[int],
 
 
 def _samples_section(run_dir: Path, summary: dict | None, n: int, tokens: int,
-                     adapter: object | None) -> tuple[str, bool]:
+                     adapter: ModelAdapter | None) -> tuple[str, bool]:
     """Trajectory grids of held-out samples; a note instead when they cannot be made."""
     head = "<h2>Prediction trajectories on held-out samples</h2>"
     lens_dir = run_dir / "train" / "lenses"
@@ -158,7 +163,7 @@ def _samples_section(run_dir: Path, summary: dict | None, n: int, tokens: int,
     return head + note + "\n".join(frags), True
 
 
-def _heldout_texts(documents: object, n: int) -> list[str]:
+def _heldout_texts(documents: Iterable[str], n: int) -> list[str]:
     """The first `n` documents, each starting at its first non-blank line."""
     out = []
     for doc in documents:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import Any
 
 
 @functools.cache
@@ -30,7 +31,7 @@ def _byte_level_decoder() -> dict[str, int]:
 _SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
-def token_decoder(tokenizer: object | None):  # noqa: ANN201 - returns a cached callable
+def token_decoder(tokenizer: Any):  # noqa: ANN201 - returns a cached callable
     """id -> the token's text as the model would print it.
 
     Byte-level BPE pieces ('Ġthe') and SentencePiece pieces ('▁the') become ' the'. A token
