@@ -7,12 +7,16 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lensforge.cli.cmd_eval import evaluate_to_folder
 from lensforge.cli.common import HelpFormatter, add_model_args, load_model_from_args, positive
 from lensforge.cli.outdir import claim_out_dir
 from lensforge.data.sources import check_source
 from lensforge.training import TrainConfig, train
+
+if TYPE_CHECKING:
+    from lensforge.models.adapter import ModelAdapter
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -106,7 +110,7 @@ def _run(args: argparse.Namespace, cfg: TrainConfig, out: Path, t0: float) -> in
     return 0
 
 
-def _write_report(out: Path, adapter: object) -> None:
+def _write_report(out: Path, adapter: ModelAdapter) -> None:
     """The self-contained HTML report (reuses the loaded model for trajectory samples)."""
     from lensforge.viz.report import write_run_report
 
