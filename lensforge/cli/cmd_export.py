@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from lensforge.cli.common import HelpFormatter, check_out_path
+from lensforge.cli.common import HelpFormatter, check_new_out
 from lensforge.errors import CheckpointError, ConfigError
 from lensforge.lenses import LowRankLens, export_tuned_lens, load_lens
 
@@ -29,16 +28,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=FORMATS, default="tuned-lens", help="output format")
     p.add_argument("out_dir", metavar="OUT", help="the folder to write")
     p.set_defaults(func=run_export)
-
-
-def check_new_out(out: str | os.PathLike[str]) -> Path:
-    """ConfigError unless ``out`` is a folder we may create: absent, or an empty folder
-    (a lens folder is replaced whole, so anything already there would be lost)."""
-    path = check_out_path(out, kind="folder", option="OUT")
-    if path.is_dir() and any(path.iterdir()):
-        raise ConfigError(f"OUT {out} already exists and is not empty; choose a new folder "
-                          "(lensforge never replaces files it did not write)")
-    return path
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -6,8 +6,12 @@ import argparse
 import json
 from pathlib import Path
 
-from lensforge.cli.cmd_export import check_new_out
-from lensforge.cli.common import HelpFormatter, add_model_args, load_model_from_args
+from lensforge.cli.common import (
+    HelpFormatter,
+    add_model_args,
+    check_new_out,
+    load_model_from_args,
+)
 from lensforge.errors import CheckpointError, LensMismatchError
 from lensforge.lenses import import_tuned_lens, save_lens
 from lensforge.lenses.io import CONFIG_FILE, WEIGHTS_FILE, read_tuned_lens_config

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lensforge.cli.cmd_eval import evaluate_to_folder
 from lensforge.cli.common import HelpFormatter, add_model_args, load_model_from_args, positive
 from lensforge.cli.outdir import claim_out_dir
+from lensforge.cli.study import evaluate_to_folder
 from lensforge.data.sources import check_source
 from lensforge.training import TrainConfig, train
 
@@ -37,12 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-field", default="text")
     p.add_argument("-k", type=positive, default=32, help="LoRA rank divisor")
     p.add_argument("--init-tokens", type=int, default=32_768, help="closed-form statistics tokens")
-    p.add_argument("--tokens", type=int, default=4096, help="KL fine-tuning tokens")
+    p.add_argument("--tokens", type=int, default=32_768, help="KL fine-tuning tokens")
     p.add_argument("--tokens-per-step", type=positive, default=2048,
                    help="tokens per optimizer step")
     p.add_argument("--lr", type=float, default=3e-4,
                    help="AdamW learning rate of the KL phase (after the closed form, small steps)")
-    p.add_argument("--loss", choices=("fused", "subset"), default="fused",
+    p.add_argument("--loss", choices=("fused", "subset"), default="subset",
                    help="KL loss: exact fused, or the sparse subset estimate")
     p.add_argument("--eval-tokens", type=positive, default=4096,
                    help="held-out tokens per --eval-data source")
