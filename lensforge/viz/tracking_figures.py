@@ -48,8 +48,11 @@ def plot_tracking(rows: Sequence[dict], path: str | os.PathLike, title: str | No
                     **_PAPER_STYLE)
     axes[1].axhline(100 * PAPER["participation_ratio_over_h"], color="0.35", linestyle="--",
                     linewidth=1.2, label="paper: ≈ H/2")
-    for ax in axes[:2]:
-        ax.set_ylim(0, 100)
+    # Scale to the data and the paper's value, so a 1.5% effective rank stays readable.
+    for ax, ref in zip(axes[:2], (PAPER["effective_rank_over_h_max"],
+                                  PAPER["participation_ratio_over_h"]), strict=True):
+        top = max([100 * ref] + [y for line in ax.get_lines() for y in line.get_ydata()])
+        ax.set_ylim(0, min(100.0, 1.15 * top))
     ks = sorted({r["k"] for r in rows if r.get("k") is not None})
     for recipe in recipes:
         for i, k in enumerate(ks):
