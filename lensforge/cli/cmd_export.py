@@ -1,11 +1,19 @@
-"""lensforge export: write a lens in another tool's format (tuned-lens 0.2.0)."""
+"""lensforge export: write a lens in another tool's format (tuned-lens 0.2.0).
+
+Write the lens folder LENS as a tuned-lens 0.2.0 folder OUT (config.json + params.pt: one
+nn.Linear translator per layer, the layout tuned-lens saves and loads). A LoRA (low-rank)
+lens becomes its dense equivalent: each layer's A_l B_l as a full H x H weight, the same map
+up to float rounding, but no longer low-rank (and H/(2r) times larger). OUT must not exist,
+or be an empty folder. No model is loaded.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from lensforge.cli.common import HelpFormatter, check_new_out
+from lensforge.cli.common import check_new_out
+from lensforge.cli.study import command_parser
 from lensforge.errors import CheckpointError, ConfigError
 from lensforge.lenses import LowRankLens, export_tuned_lens, load_lens
 
@@ -13,21 +21,12 @@ FORMATS = ("tuned-lens",)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export", help="write a lens in tuned-lens format",
-        description="Write the lens folder LENS as a tuned-lens 0.2.0 folder OUT (config.json "
-                    "+ params.pt: one nn.Linear translator per layer, the layout tuned-lens saves "
-                    "and loads). A LoRA (low-rank) lens becomes its dense equivalent: each "
-                    "layer's A_l B_l as a full H x H weight, the same map up to float rounding, "
-                    "but no longer low-rank (and H/(2r) times larger). OUT must not exist, or be an "
-                    "empty folder. No model is loaded.",
-        formatter_class=HelpFormatter,
-    )
+    p = command_parser(sub, "export", run_export, __doc__,
+                       help="write a lens in tuned-lens format")
     p.add_argument("lens", metavar="LENS",
                    help="a lens folder written by lensforge (train, import)")
     p.add_argument("--format", choices=FORMATS, default="tuned-lens", help="output format")
     p.add_argument("out_dir", metavar="OUT", help="the folder to write")
-    p.set_defaults(func=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -1,11 +1,17 @@
-"""lensforge generate: early-exit decoding from a trained lens (CALM rule, blocks skipped)."""
+"""lensforge generate: early-exit decoding from a trained lens (CALM rule, blocks skipped).
+
+Decode with a KV cache, checking the lens at the exit layers with the CALM rule (exit when
+p(top1) - p(top2) > 0.9*lambda + 0.1*exp(-4i/N)); exited tokens skip the remaining blocks,
+whose KV cache is filled from the exit state. Prints the text and exit/speed statistics.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from lensforge.cli.common import HelpFormatter, add_model_args, load_model_from_args, positive
+from lensforge.cli.common import add_model_args, load_model_from_args, positive
+from lensforge.cli.study import command_parser
 from lensforge.early_exit import GenerationResult, generate
 from lensforge.early_exit.rule import check_lambda
 from lensforge.errors import ConfigError
@@ -13,14 +19,8 @@ from lensforge.lenses import load_lens
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "generate", help="early-exit text generation from a lens",
-        description="Decode with a KV cache, checking the lens at the exit layers with the CALM "
-                    "rule (exit when p(top1) - p(top2) > 0.9*lambda + 0.1*exp(-4i/N)); exited "
-                    "tokens skip the remaining blocks, whose KV cache is filled from the exit "
-                    "state. Prints the text and exit/speed statistics.",
-        formatter_class=HelpFormatter,
-    )
+    p = command_parser(sub, "generate", run_generate, __doc__,
+                       help="early-exit text generation from a lens")
     p.add_argument("prompt", help="prompt text")
     p.add_argument("--lens", help="lens folder (or 'logit'); required unless --lambda off")
     p.add_argument("--lambda", dest="lam", default="0.9",
@@ -58,7 +58,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="use a lens trained for another model")
     p.add_argument("--json", action="store_true", help="print statistics as JSON")
     add_model_args(p)
-    p.set_defaults(func=run_generate)
 
 
 def parse_lambda(value: str) -> float | None:

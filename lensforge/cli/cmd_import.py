@@ -1,4 +1,10 @@
-"""lensforge import: turn a tuned-lens 0.2.0 folder into a lensforge lens bound to a model."""
+"""lensforge import: turn a tuned-lens 0.2.0 folder into a lensforge lens bound to a model.
+
+Read the tuned-lens 0.2.0 folder TUNED_LENS_DIR (config.json + params.pt; the tensors are
+read as plain data, never as code), check its shapes against --model and write OUT as a
+lensforge lens (config.json + lens.safetensors) carrying the model's unembedding hash, so
+later commands refuse it on another model. OUT must not exist, or be an empty folder.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from lensforge.cli.common import (
-    HelpFormatter,
-    add_model_args,
-    check_new_out,
-    load_model_from_args,
-)
+from lensforge.cli.common import add_model_args, check_new_out, load_model_from_args
+from lensforge.cli.study import command_parser
 from lensforge.errors import CheckpointError, LensMismatchError
 from lensforge.lenses import import_tuned_lens, save_lens
 from lensforge.lenses.io import CONFIG_FILE, WEIGHTS_FILE, read_tuned_lens_config
@@ -19,16 +21,8 @@ from lensforge.models.loading import resolve_model_source
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "import", help="turn a tuned-lens folder into a lensforge lens for a model",
-        description="Read the tuned-lens 0.2.0 folder TUNED_LENS_DIR (config.json + params.pt; "
-                    "the tensors are read as plain data, never as code), check its shapes "
-                    "against --model and write OUT as a lensforge lens (config.json + "
-                    "lens.safetensors) carrying the model's unembedding hash, so later "
-                    "commands refuse it on another model. OUT must not exist, or be an empty "
-                    "folder.",
-        formatter_class=HelpFormatter,
-    )
+    p = command_parser(sub, "import", run_import, __doc__,
+                       help="turn a tuned-lens folder into a lensforge lens for a model")
     p.add_argument("source", metavar="TUNED_LENS_DIR", help="a tuned-lens 0.2.0 lens folder")
     p.add_argument("out_dir", metavar="OUT", help="the lens folder to write")
     add_model_args(p)
@@ -37,7 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     model.required, model.default = True, None
     model.help = "the model the lens belongs to: " + (model.help or "").replace(
         " (default: %(default)s)", "")
-    p.set_defaults(func=run_import)
 
 
 def model_shape(spec: str, *, online: bool = False) -> tuple[int | None, int | None]:

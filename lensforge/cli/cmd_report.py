@@ -1,29 +1,29 @@
-"""lensforge report: one self-contained HTML report for a run folder."""
+"""lensforge report: one self-contained HTML report for a run folder.
+
+Per-layer curves of every metric for every lens, the training loss, prediction-trajectory
+grids of held-out samples (loads the run's model; skip with --no-samples), configuration and
+timings, in one HTML file that opens without network.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from lensforge.cli.common import HelpFormatter, positive
+from lensforge.cli.common import positive
+from lensforge.cli.study import command_parser
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "report", help="self-contained HTML report of a run folder",
-        description="Per-layer curves of every metric for every lens, the training loss, "
-                    "prediction-trajectory grids of held-out samples (loads the run's model; "
-                    "skip with --no-samples), configuration and timings, in one HTML file "
-                    "that opens without network.",
-        formatter_class=HelpFormatter,
-    )
+    p = command_parser(sub, "report", run_report, __doc__,
+                       help="self-contained HTML report of a run folder")
     p.add_argument("run_dir", help="folder written by `lensforge run` or `lensforge eval`")
     p.add_argument("--out", help="output file")
     p.add_argument("--no-samples", action="store_true",
                    help="no trajectory grids (does not load the model)")
     p.add_argument("--samples", type=positive, default=3, help="held-out samples shown")
     p.add_argument("--sample-tokens", type=positive, default=40, help="tokens per sample")
-    p.set_defaults(func=run_report, out_kind="file")
+    p.set_defaults(out_kind="file")
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -1,5 +1,9 @@
 """lensforge run: the main job — train a LoRA-Lens on the default model and corpus,
-evaluate it against the logit lens on held-out text, write results and a plot."""
+evaluate it against the logit lens on held-out text, write results and a plot.
+
+Train a LoRA-Lens (k=32) on the built-in model and corpus, evaluate it against the logit lens
+on held-out text, write lenses, metrics, plot and an HTML report into OUT.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lensforge.cli.common import HelpFormatter, add_model_args, load_model_from_args, positive
+from lensforge.cli.common import add_model_args, load_model_from_args, positive
 from lensforge.cli.outdir import claim_out_dir
-from lensforge.cli.study import evaluate_to_folder
+from lensforge.cli.study import command_parser, evaluate_to_folder
 from lensforge.data.sources import check_source
 from lensforge.training import TrainConfig, train
 
@@ -20,13 +24,8 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "run", help="the main job: train + evaluate a LoRA-Lens on the default model",
-        description="Train a LoRA-Lens (k=32) on the built-in model and corpus, evaluate it "
-                    "against the logit lens on held-out text, write lenses, metrics, plot and "
-                    "an HTML report into OUT.",
-        formatter_class=HelpFormatter,
-    )
+    p = command_parser(sub, "run", run_main, __doc__,
+                       help="the main job: train + evaluate a LoRA-Lens on the default model")
     add_model_args(p)
     p.add_argument("--data", default="general",
                    help="training text: 'general' mixes the Python corpus with AlpacaEval "
@@ -52,7 +51,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous run in OUT (only files lensforge wrote there)")
-    p.set_defaults(func=run_main)
 
 
 def run_main(args: argparse.Namespace) -> int:

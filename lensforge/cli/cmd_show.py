@@ -1,4 +1,9 @@
-"""lensforge show: the prediction trajectory of a text as interactive HTML (and a PNG)."""
+"""lensforge show: the prediction trajectory of a text as interactive HTML (and a PNG).
+
+Top-1 token of every layer at every position, colored by a statistic, for the logit lens and
+any trained lenses. Writes a self-contained HTML page (hover for the top-5, switch
+lens/statistic, compare two lenses side by side) and optionally a PNG of the same grid.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +11,21 @@ import argparse
 
 from lensforge.analysis.trajectory import STATS, PredictionTrajectory
 from lensforge.cli.common import (
-    HelpFormatter,
     add_model_args,
     check_out_path,
     load_model_from_args,
     parse_lens_specs,
     positive,
 )
+from lensforge.cli.study import command_parser
 from lensforge.data.sources import decode_text, read_text_file
 from lensforge.errors import ConfigError, DataError
 from lensforge.lenses import LogitLens, load_lens
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "show", help="prediction trajectory of a text: interactive HTML grid and PNG",
-        description="Top-1 token of every layer at every position, colored by a statistic, "
-                    "for the logit lens and any trained lenses. Writes a self-contained HTML "
-                    "page (hover for the top-5, switch lens/statistic, compare two lenses side "
-                    "by side) and optionally a PNG of the same grid.",
-        formatter_class=HelpFormatter,
-    )
+    p = command_parser(sub, "show", run_show, __doc__,
+                       help="prediction trajectory of a text: interactive HTML grid and PNG")
     p.add_argument("text", nargs="?", help="the text (or use --file)")
     p.add_argument("--file", help="read the text from this file ('-' = stdin)")
     p.add_argument("--lens", action="append", default=[], metavar="NAME=PATH",
@@ -47,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--png-start", type=int, default=0, help="first position in the PNG")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="use lenses trained for another model (transfer)")
-    p.set_defaults(func=run_show, out_kind="file")
+    p.set_defaults(out_kind="file")
 
 
 # --max-tokens clips the text anyway; a bound keeps a huge file from filling memory.

@@ -1,4 +1,11 @@
-"""lensforge track: spectrum, held-out KL and RAF along training, per recipe (issue 15)."""
+"""lensforge track: spectrum, held-out KL and RAF along training, per recipe (issue 15).
+
+Trains the tuned lens and LoRA-Lenses (one per k) with each recipe — tuned-lens (SGD,
+Nesterov, from zero), lora-lens (AdamW from zero), lensforge (closed form, then AdamW) — and
+at step 0 and each milestone saves the lenses and records held-out KL, RAF against the
+recipe's tuned lens and the spectrum metrics of `lensforge spectrum`. Writes OUT/track.json,
+track.csv, tracking.png and OUT/RECIPE/milestones/TOKENS/LENS.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,9 @@ import time
 from pathlib import Path
 
 from lensforge.analysis.tracking import RECIPES, TrackConfig, check_resume, read_track, track
-from lensforge.cli.common import HelpFormatter, add_model_args, load_model_from_args, positive
+from lensforge.cli.common import add_model_args, load_model_from_args, positive
 from lensforge.cli.outdir import claim_out_dir
+from lensforge.cli.study import command_parser
 from lensforge.data.sources import check_source
 from lensforge.errors import ConfigError
 
@@ -17,17 +25,8 @@ _D = TrackConfig()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "track", help="spectrum, KL and RAF along training for several training recipes",
-        description="Trains the tuned lens and LoRA-Lenses (one per k) with each recipe — "
-                    "tuned-lens (SGD, Nesterov, from zero), lora-lens (AdamW from zero), "
-                    "lensforge (closed form, then AdamW) — and at step 0 and each milestone "
-                    "saves the lenses and records held-out KL, RAF against the recipe's "
-                    "tuned lens and the spectrum metrics of `lensforge spectrum`. Writes "
-                    "OUT/track.json, track.csv, tracking.png and "
-                    "OUT/RECIPE/milestones/TOKENS/LENS.",
-        formatter_class=HelpFormatter,
-    )
+    p = command_parser(sub, "track", run_track, __doc__,
+                       help="spectrum, KL and RAF along training for several training recipes")
     add_model_args(p)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=_D.data, help="training text (same forms as train --data)")
@@ -66,7 +65,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous run in OUT (only files lensforge wrote there)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run_track)
 
 
 def parse_lr(specs: list[str]) -> dict[str, float]:

@@ -1,4 +1,8 @@
-"""lensforge train: closed-form init then KL fine-tuning of one or more lenses."""
+"""lensforge train: closed-form init then KL fine-tuning of one or more lenses.
+
+Train lenses against the model's final distribution (KL), starting from the closed-form
+least-squares fit. Writes OUT/lenses/<name>/ and OUT/checkpoint/ (resumable).
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,13 @@ import argparse
 from typing import Any
 
 from lensforge.cli.common import (
-    HelpFormatter,
     add_data_args,
     add_model_args,
     load_model_from_args,
     positive,
 )
 from lensforge.cli.outdir import claim_out_dir
+from lensforge.cli.study import command_parser
 from lensforge.data.sources import check_source
 from lensforge.errors import ConfigError
 from lensforge.training import OPTIMIZER_DEFAULTS, TrainConfig, train
@@ -38,13 +42,8 @@ _DEFAULTS = TrainConfig()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train", help="train tuned / LoRA lenses",
-        description="Train lenses against the model's final distribution (KL), starting from "
-                    "the closed-form least-squares fit. Writes OUT/lenses/<name>/ and "
-                    "OUT/checkpoint/ (resumable).",
-        formatter_class=HelpFormatter,
-    )
+    p = command_parser(sub, "train", run_train, __doc__,
+                       help="train tuned / LoRA lenses")
     add_model_args(p)
     add_data_args(p)
     g = p.add_argument_group("lenses")
@@ -88,7 +87,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     for action in p._actions:
         if action.dest in TrainConfig.__dataclass_fields__:
             action.help = field_help(action.dest)
-    p.set_defaults(func=run_train)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
