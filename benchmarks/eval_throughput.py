@@ -15,6 +15,7 @@ the matmul dtype. Results go to docs/benchmarks.md (section "eval_throughput").
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -80,7 +81,8 @@ def main() -> None:
 
     auto = parse_dtype("auto")
     dtypes = [auto] + [d for d in (torch.float32, torch.bfloat16) if d != auto]
-    print(f"machine: {machine_description()}")
+    load0 = os.getloadavg()[0]
+    print(f"machine: {machine_description()}; load average {load0:.1f}")
     rows, peaks = [], {}
     for dtype in dtypes:
         adapter = load_model("smollm2", dtype=dtype)
@@ -124,7 +126,8 @@ def main() -> None:
     md = [f"Machine: {machine_description()}. bf16 flags: {bf16_flags()}. GEMM peak "
           + ", ".join(f"{str(k).replace('torch.', '')} {v / 1e9:.0f} GFLOP/s"
                       for k, v in peaks.items())
-          + f". SmolLM2-135M-Instruct, {args.tokens} held-out tokens (stdlib:heldout, "
+          + f". Load average {load0:.1f} -> {os.getloadavg()[0]:.1f} (2 cores; other jobs "
+            f"may have run). SmolLM2-135M-Instruct, {args.tokens} held-out tokens (stdlib:heldout, "
             f"{args.seq_len}-token windows) x 2 lenses (logit, LoRA k=32), model forward "
             "included. `% of peak` = lens-tokens/s x 2·L·H·V / GEMM peak of the matmul "
             "dtype. `auto` picks "
