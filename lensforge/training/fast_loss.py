@@ -77,7 +77,12 @@ def target_stats(final_h: Tensor, unembed: Unembed, weight: Tensor,
         p.div_(log_s.exp()[:, None])
         # Σ p log p = Σ p (z - max) - log Σ exp(z - max), since Σ p = 1.
         neg_entropy = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(C) - log_s
-        p_w = None if _quirks(unembed)[1] is not None else p @ weight.float()
+        p_w = None
+        if _quirks(unembed)[1] is None:
+            # p W_U only enters the loss value (the gradient uses q - p over all of V), so
+            # in bf16 it runs as a bf16 GEMM instead of widening all of W_U per chunk.
+            p_w = p @ weight if weight.dtype == torch.float32 else (
+                p.to(weight.dtype) @ weight).float()
     return p, neg_entropy, p_w
 
 
