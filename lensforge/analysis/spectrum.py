@@ -18,7 +18,9 @@ import csv
 import io
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal, TypedDict
 
 import torch
 from torch import Tensor
@@ -26,7 +28,48 @@ from torch import Tensor
 from lensforge.errors import ConfigError
 from lensforge.lenses import Lens
 
-SPECTRUM_METRICS = ("effective_rank", "energy_top_half", "components_90", "participation_ratio")
+SpectrumMetric = Literal["effective_rank", "energy_top_half", "components_90",
+                         "participation_ratio"]
+SPECTRUM_METRICS: tuple[SpectrumMetric, ...] = ("effective_rank", "energy_top_half",
+                                                "components_90", "participation_ratio")
+
+
+class SpectralMetrics(TypedDict):
+    """`spectral_metrics` of one spectrum (keys in this order)."""
+
+    effective_rank: float
+    energy_top_half: float
+    components_90: int
+    participation_ratio: float
+    n: int
+
+
+class SpectrumMeans(TypedDict):
+    """Unweighted mean over layers of each of `SPECTRUM_METRICS`."""
+
+    effective_rank: float
+    energy_top_half: float
+    components_90: float
+    participation_ratio: float
+
+
+class LensSpectrum(TypedDict):
+    """`lens_spectrum` of one lens (JSON-able; keys in this order)."""
+
+    lens_type: str
+    model_id: str
+    rank: int | None
+    hidden_size: int
+    n_layers: int
+    layers: list[int]
+    effective_rank: list[float]
+    energy_top_half: list[float]
+    components_90: list[int]
+    participation_ratio: list[float]
+    mean: SpectrumMeans
+    effective_rank_over_h: float
+    participation_ratio_over_h: float
+    singular_values: list[list[float]]  # per layer, descending
 
 
 def _sorted_sv(sv: Tensor) -> Tensor:
@@ -81,7 +124,7 @@ def participation_ratio(sv: Tensor) -> float:
     return float(e.sum() ** 2 / denom)
 
 
-def spectral_metrics(sv: Tensor) -> dict[str, float]:
+def spectral_metrics(sv: Tensor) -> SpectralMetrics:
     """All four metrics of one spectrum, plus its length n."""
     return {
         "effective_rank": effective_rank(sv),
@@ -105,20 +148,27 @@ def translator_singular_values(lens: object, idx: int) -> Tensor:
     return torch.linalg.svdvals(matrix)
 
 
-def lens_spectrum(lens: Lens) -> dict:
+def lens_spectrum(lens: Lens) -> LensSpectrum:
     """Per-layer spectral metrics of a lens's translators, their means, and the ratios the
     paper quotes (mean effective rank / H, mean participation ratio / H)."""
     n_layers = lens.config.n_layers
     hidden = lens.config.hidden_size
-    per_layer: dict[str, list] = {name: [] for name in SPECTRUM_METRICS}
+    per_layer: list[SpectralMetrics] = []
     singular_values = []
     for idx in range(n_layers):
         sv = translator_singular_values(lens, idx)
         singular_values.append([float(x) for x in sv])
-        for name, value in spectral_metrics(sv).items():
-            if name in per_layer:
-                per_layer[name].append(value)
-    mean = {name: sum(vals) / len(vals) for name, vals in per_layer.items()}
+        per_layer.append(spectral_metrics(sv))
+    effective = [m["effective_rank"] for m in per_layer]
+    energy = [m["energy_top_half"] for m in per_layer]
+    c90 = [m["components_90"] for m in per_layer]
+    participation = [m["participation_ratio"] for m in per_layer]
+    mean: SpectrumMeans = {
+        "effective_rank": sum(effective) / len(effective),
+        "energy_top_half": sum(energy) / len(energy),
+        "components_90": sum(c90) / len(c90),
+        "participation_ratio": sum(participation) / len(participation),
+    }
     return {
         "lens_type": lens.config.lens_type,
         "model_id": lens.config.model_id,
@@ -126,7 +176,10 @@ def lens_spectrum(lens: Lens) -> dict:
         "hidden_size": hidden,
         "n_layers": n_layers,
         "layers": list(range(n_layers)),
-        **per_layer,
+        "effective_rank": effective,
+        "energy_top_half": energy,
+        "components_90": c90,
+        "participation_ratio": participation,
         "mean": mean,
         "effective_rank_over_h": mean["effective_rank"] / hidden,
         "participation_ratio_over_h": mean["participation_ratio"] / hidden,
@@ -134,7 +187,7 @@ def lens_spectrum(lens: Lens) -> dict:
     }
 
 
-def write_spectrum(results: dict[str, dict], out: Path) -> tuple[Path, Path]:
+def write_spectrum(results: Mapping[str, LensSpectrum], out: Path) -> tuple[Path, Path]:
     """spectrum.json (everything, singular values included) and spectrum.csv (long format:
     lens, layer, metric, value; layer 'mean' for the averages)."""
     out.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ from typing import Any, TypedDict
 
 import torch
 
-from lensforge.analysis.spectrum import lens_spectrum
+from lensforge.analysis.spectrum import SpectrumMetric, lens_spectrum
 from lensforge.data import PackedTokenStream, iter_documents
 from lensforge.errors import CheckpointError, ConfigError
 from lensforge.evaluation import evaluate, raf_table
@@ -64,7 +64,53 @@ CSV_FIELDS = ("recipe", "milestone", "step", "tokens", "lens", "lens_type", "ran
               "hidden_size", "kl", "kl_logit", "raf", "effective_rank", "effective_rank_over_h",
               "energy_top_half", "components_90", "participation_ratio",
               "participation_ratio_over_h", "eval_s")
-SPECTRUM_MEANS = ("effective_rank", "energy_top_half", "components_90", "participation_ratio")
+SPECTRUM_MEANS: tuple[SpectrumMetric, ...] = ("effective_rank", "energy_top_half",
+                                              "components_90", "participation_ratio")
+
+
+class SpectrumPerLayer(TypedDict):
+    """The per-layer spectrum metrics of one lens (`lens_spectrum`'s lists)."""
+
+    effective_rank: list[float]
+    energy_top_half: list[float]
+    components_90: list[int]
+    participation_ratio: list[float]
+
+
+class LensMeasurement(TypedDict):
+    """What `measure` records for one lens (keys in this order)."""
+
+    lens: str
+    lens_type: str
+    rank: int | None
+    k: int | None
+    hidden_size: int
+    kl: float | None  # mean held-out KL over layers (nats)
+    kl_logit: float | None  # the logit lens's, for reference
+    raf: float | None  # against "tuned"; None without a tuned lens
+    effective_rank: float  # spectrum means over layers
+    energy_top_half: float
+    components_90: float
+    participation_ratio: float
+    effective_rank_over_h: float
+    participation_ratio_over_h: float
+    eval_s: float  # seconds the evaluation of all lenses took
+    kl_per_layer: list[float | None]
+    per_layer: SpectrumPerLayer
+
+
+class _RowHead(TypedDict):
+    recipe: str
+    milestone: int  # the milestone tokens (0 for the initial state)
+    step: int  # optimizer step
+    tokens: int  # tokens trained at that step
+
+
+class TrackRow(_RowHead, LensMeasurement):
+    """One row of track.json/track.csv: recipe, milestone, step, tokens, then the lens's
+    `LensMeasurement` (keys in that order)."""
+
+
 # Options that may differ on --resume without changing a tracked number.
 _RESUME_FREE = {"device", "checkpoint_every"}
 
@@ -172,7 +218,7 @@ def heldout_batches(cfg: TrackConfig, adapter: ModelAdapter):  # noqa: ANN201 â€
 
 
 def measure(cfg: TrackConfig, adapter: ModelAdapter, lenses: dict[str, Lens],
-            readout: Readout | None = None) -> dict[str, dict]:
+            readout: Readout | None = None) -> dict[str, LensMeasurement]:
     """{lens: metrics}: held-out KL (mean and per layer), RAF against "tuned", spectrum."""
     t0 = time.perf_counter()
     # Tracking must not change the training it watches: keep the global RNG as it was.
@@ -181,19 +227,25 @@ def measure(cfg: TrackConfig, adapter: ModelAdapter, lenses: dict[str, Lens],
                            max_tokens=cfg.eval_tokens, readout=readout, progress=False)
     raf = raf_table(results, "tuned") if "tuned" in results else {}
     eval_s = time.perf_counter() - t0
-    out = {}
+    out: dict[str, LensMeasurement] = {}
     for name, lens in lenses.items():
         spec = lens_spectrum(lens)
+        mean = spec["mean"]
         out[name] = {
             "lens": name, "lens_type": lens.config.lens_type, "rank": lens.config.rank,
             "k": int(name.split("_k")[1]) if name.startswith("lora_k") else None,
             "hidden_size": spec["hidden_size"], "kl": results[name]["mean"]["kl"],
             "kl_logit": results["logit"]["mean"]["kl"], "raf": raf.get(name),
-            **{m: spec["mean"][m] for m in SPECTRUM_MEANS},
+            "effective_rank": mean["effective_rank"], "energy_top_half": mean["energy_top_half"],
+            "components_90": mean["components_90"],
+            "participation_ratio": mean["participation_ratio"],
             "effective_rank_over_h": spec["effective_rank_over_h"],
             "participation_ratio_over_h": spec["participation_ratio_over_h"],
             "eval_s": eval_s, "kl_per_layer": list(results[name]["kl"]),
-            "per_layer": {m: spec[m] for m in SPECTRUM_MEANS},
+            "per_layer": {"effective_rank": spec["effective_rank"],
+                          "energy_top_half": spec["energy_top_half"],
+                          "components_90": spec["components_90"],
+                          "participation_ratio": spec["participation_ratio"]},
         }
     return out
 
@@ -212,7 +264,7 @@ def read_track(out: Path) -> dict | None:
     return data
 
 
-def write_track(out: Path, config: dict, rows: list[dict]) -> None:
+def write_track(out: Path, config: dict, rows: list[TrackRow]) -> None:
     """track.json (everything) and track.csv (one line per recipe, milestone and lens),
     each replaced atomically so a kill leaves the old or the new file."""
     atomic_write_text(out / "track.json",
@@ -224,7 +276,7 @@ def write_track(out: Path, config: dict, rows: list[dict]) -> None:
     atomic_write_text(out / "track.csv", buf.getvalue())
 
 
-def check_resume(previous: dict, cfg: TrackConfig) -> list[dict]:
+def check_resume(previous: dict, cfg: TrackConfig) -> list[TrackRow]:
     """The rows to keep; ConfigError when an option that shapes them has changed."""
     saved, now = previous.get("config", {}), cfg.to_dict()
     changed = sorted(k for k in now if k not in _RESUME_FREE and saved.get(k) != now[k])
@@ -236,8 +288,8 @@ def check_resume(previous: dict, cfg: TrackConfig) -> list[dict]:
 
 # ------------------------------------------------------------------ the driver
 def track(cfg: TrackConfig, adapter: ModelAdapter, out: Path, *, resume: bool = False,
-          progress: bool = True, on_row: Callable[[list[dict]], None] | None = None,
-          rows: list[dict] | None = None) -> list[dict]:
+          progress: bool = True, on_row: Callable[[list[TrackRow]], None] | None = None,
+          rows: list[TrackRow] | None = None) -> list[TrackRow]:
     """Train every recipe, measuring at each milestone; returns all rows (also on disk).
     `rows`: rows kept from an interrupted run (their milestones are skipped)."""
     schedule = cfg.validate()
@@ -302,7 +354,7 @@ def _catch_up(tcfg: TrainConfig, adapter: ModelAdapter, schedule: dict[int, int]
         record(step, {name: load_lens(ckpt / "lenses" / name, adapter) for name in names})
 
 
-def _print_rows(rows: list[dict], recipe: str, step: int) -> None:
+def _print_rows(rows: list[TrackRow], recipe: str, step: int) -> None:
     for r in rows:
         if r["recipe"] == recipe and r["step"] == step:
             raf = "" if r["raf"] is None else f"  RAF {r['raf']:.3f}"

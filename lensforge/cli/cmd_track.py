@@ -14,7 +14,14 @@ import math
 import time
 from pathlib import Path
 
-from lensforge.analysis.tracking import RECIPES, TrackConfig, check_resume, read_track, track
+from lensforge.analysis.tracking import (
+    RECIPES,
+    TrackConfig,
+    TrackRow,
+    check_resume,
+    read_track,
+    track,
+)
 from lensforge.cli.common import add_model_args, load_model_from_args, positive
 from lensforge.cli.outdir import claim_out_dir
 from lensforge.cli.study import command_parser
@@ -95,7 +102,7 @@ def run_track(args: argparse.Namespace) -> int:
     schedule = cfg.validate()  # every check before the model loads
     check_source(cfg.data, text_field=cfg.text_field)
     check_source(cfg.eval_data, text_field=cfg.text_field, split="heldout")
-    rows: list[dict] = []
+    rows: list[TrackRow] = []
     if args.resume and not args.overwrite:
         previous = read_track(out) if out.is_dir() else None
         rows = check_resume(previous, cfg) if previous else []

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
-from lensforge.analysis.tracking import PAPER, RECIPES
+from lensforge.analysis.tracking import PAPER, RECIPES, TrackRow
 from lensforge.viz._mpl import pyplot
 
 plt = pyplot()
@@ -15,6 +16,7 @@ plt = pyplot()
 _RECIPE_COLORS = {"tuned-lens": "#d62728", "lora-lens": "#1f77b4", "lensforge": "#2ca02c"}
 _K_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 _PAPER_STYLE = dict(color="0.35", alpha=0.18, linewidth=0)
+_SpectrumPanel = Literal["effective_rank_over_h", "participation_ratio_over_h", "components_90"]
 
 
 def _x(tokens: int, zero_at: float) -> float:
@@ -22,7 +24,7 @@ def _x(tokens: int, zero_at: float) -> float:
     return zero_at if tokens == 0 else float(tokens)
 
 
-def plot_tracking(rows: Sequence[dict], path: str | os.PathLike, title: str | None = None
+def plot_tracking(rows: Sequence[TrackRow], path: str | os.PathLike, title: str | None = None
                   ) -> Path:
     """Four panels against training tokens (log2): the tuned lens's effective rank and
     participation ratio (% of H) and components for 90% energy, one line per recipe; the
@@ -32,10 +34,10 @@ def plot_tracking(rows: Sequence[dict], path: str | os.PathLike, title: str | No
     zero_at = positive[0] / 2 if positive else 1.0
     recipes = [name for name in RECIPES if any(r["recipe"] == name for r in rows)]
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
-    spectrum_panels = (("effective_rank_over_h", 100.0, "(a) tuned lens: effective rank, % of H"),
-                       ("participation_ratio_over_h", 100.0,
-                        "(b) tuned lens: participation ratio, % of H"),
-                       ("components_90", 1.0, "(c) tuned lens: components for 90% energy"))
+    spectrum_panels: tuple[tuple[_SpectrumPanel, float, str], ...] = (
+        ("effective_rank_over_h", 100.0, "(a) tuned lens: effective rank, % of H"),
+        ("participation_ratio_over_h", 100.0, "(b) tuned lens: participation ratio, % of H"),
+        ("components_90", 1.0, "(c) tuned lens: components for 90% energy"))
     for ax, (metric, scale, label) in zip(axes[:3], spectrum_panels, strict=True):
         for recipe in recipes:
             pts = sorted((r["tokens"], r[metric]) for r in rows
@@ -53,7 +55,7 @@ def plot_tracking(rows: Sequence[dict], path: str | os.PathLike, title: str | No
                                   PAPER["participation_ratio_over_h"]), strict=True):
         top = max([100 * ref] + [y for line in ax.get_lines() for y in line.get_ydata()])
         ax.set_ylim(0, min(100.0, 1.15 * top))
-    ks = sorted({r["k"] for r in rows if r.get("k") is not None})
+    ks = sorted({k for r in rows if (k := r.get("k")) is not None})
     for recipe in recipes:
         for i, k in enumerate(ks):
             pts = sorted((r["tokens"], r["raf"]) for r in rows if r["recipe"] == recipe
