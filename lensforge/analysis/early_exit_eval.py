@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from torch import Tensor
@@ -31,6 +31,19 @@ if TYPE_CHECKING:
     from lensforge.analysis.transfer import EvalSequence
     from lensforge.lenses import Lens
     from lensforge.models.adapter import ModelAdapter
+
+
+# What `exit_stats` returns (keys in this order); functional syntax: "lambda" is a keyword.
+ExitStats = TypedDict("ExitStats", {
+    "lambda": float,
+    "exit_rate": float,  # NaN with no tokens
+    "exit_precision": float,  # NaN when no token exits
+    "agreement": float,
+    "layers_skipped": float,  # mean fraction of the L blocks skipped
+    "mean_exit_layer": float,  # over exited tokens; NaN when none exits
+    "n_tokens": int,
+})
+"""The CALM rule scored at one λ: see `exit_stats`."""
 
 
 def calm_threshold(lam: float, step: Tensor | float, avg_len: float) -> Tensor:
@@ -73,7 +86,7 @@ class ExitRecords:
         return self.gaps.shape[1]
 
 
-def exit_stats(records: ExitRecords, lam: float, min_layer: int = 0) -> dict[str, float]:
+def exit_stats(records: ExitRecords, lam: float, min_layer: int = 0) -> ExitStats:
     """Exit rate, exit precision, overall agreement and mean fraction of layers skipped
     at one λ. Tokens that never exit run the full model and so agree by construction."""
     L = records.n_layers
@@ -97,7 +110,7 @@ def exit_stats(records: ExitRecords, lam: float, min_layer: int = 0) -> dict[str
     }
 
 
-def exit_curve(records: ExitRecords, lambdas: Sequence[float], min_layer: int = 0) -> list[dict]:
+def exit_curve(records: ExitRecords, lambdas: Sequence[float], min_layer: int = 0) -> list[ExitStats]:
     """`exit_stats` for each λ."""
     return [exit_stats(records, lam, min_layer) for lam in lambdas]
 

@@ -15,7 +15,7 @@ import gc
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 import torch
 
@@ -47,6 +47,61 @@ PUBLISHED_CONFIGS: dict[str, tuple[int, int]] = {
     "Gemma-3-270M": (640, 18),
 }
 
+MemoryPart = Literal["param_bytes", "grad_bytes", "optimizer_bytes", "total_bytes"]
+
+
+class LensMemory(TypedDict):
+    """`lens_memory`: computed training memory of one lens (keys in this order)."""
+
+    lens_type: str
+    rank: int | None  # lowrank only
+    optimizer: str
+    parameters: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    total_bytes: int
+
+
+class MemoryReduction(TypedDict):
+    """Percent by which the LoRA-Lens is smaller than the tuned lens, per part."""
+
+    param_bytes: float
+    grad_bytes: float
+    optimizer_bytes: float
+    total_bytes: float
+
+
+class MemoryRow(TypedDict):
+    """One row of `memory_table`: one model and optimizer (keys in this order)."""
+
+    model: str
+    hidden_size: int
+    n_layers: int
+    k: int
+    rank: int | None
+    optimizer: str
+    tuned: LensMemory
+    lowrank: LensMemory
+    reduction_percent: MemoryReduction
+
+
+class MeasuredMemory(TypedDict):
+    """`measure_training_memory`: one measured training step (keys in this order)."""
+
+    lens_type: str
+    rank: int | None  # lowrank only
+    optimizer: str
+    parameters: int
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    state_bytes: int  # parameters + gradients + optimizer state
+    peak_delta_bytes: int | None  # None where the peak cannot be measured
+    peak_method: str
+    tokens: int
+
+
 _HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
@@ -66,7 +121,7 @@ def lens_parameter_count(hidden: int, n_layers: int, lens_type: str, rank: int |
 
 def lens_memory(hidden: int, n_layers: int, lens_type: str, *, rank: int | None = None,
                 k: int = 32, optimizer: str = "adamw", bytes_per_param: int = 4,
-                bias: bool = True) -> dict:
+                bias: bool = True) -> LensMemory:
     """Bytes of parameters, gradients and optimizer state for training one lens.
 
     `rank` defaults to ⌊H/k⌋ for lowrank. Master weights, gradients and moments are fp32
@@ -124,11 +179,11 @@ def config_dims(config: str | os.PathLike | dict) -> tuple[int, int]:
 
 
 def memory_table(models: dict[str, tuple[int, int]], *, k: int = 32,
-                 optimizers: tuple[str, ...] = ("adamw", "sgd")) -> list[dict]:
+                 optimizers: tuple[str, ...] = ("adamw", "sgd")) -> list[MemoryRow]:
     """One row per (model, optimizer): computed bytes of the tuned lens and LoRA-Lens
     (rank ⌊H/k⌋) and the reduction in percent, for parameters, gradients, optimizer
     state and the total."""
-    rows = []
+    rows: list[MemoryRow] = []
     for name, (hidden, n_layers) in models.items():
         for opt in optimizers:
             full = lens_memory(hidden, n_layers, "tuned", optimizer=opt)
@@ -138,8 +193,11 @@ def memory_table(models: dict[str, tuple[int, int]], *, k: int = 32,
                 "rank": low["rank"], "optimizer": opt,
                 "tuned": full, "lowrank": low,
                 "reduction_percent": {
-                    key: reduction_percent(full[key], low[key])
-                    for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "total_bytes")
+                    "param_bytes": reduction_percent(full["param_bytes"], low["param_bytes"]),
+                    "grad_bytes": reduction_percent(full["grad_bytes"], low["grad_bytes"]),
+                    "optimizer_bytes": reduction_percent(full["optimizer_bytes"],
+                                                         low["optimizer_bytes"]),
+                    "total_bytes": reduction_percent(full["total_bytes"], low["total_bytes"]),
                 },
             })
     return rows
@@ -174,7 +232,7 @@ def _reset_peak_rss() -> bool:
 
 def measure_training_memory(adapter: ModelAdapter, batch: torch.Tensor, lens_type: str, *,
                             rank: int | None = None, k: int = 32,
-                            optimizer: str = "adamw", token_chunk: int = 512) -> dict:
+                            optimizer: str = "adamw", token_chunk: int = 512) -> MeasuredMemory:
     """Train one lens for one optimizer step on `batch` and measure its memory.
 
     Returns the exact bytes held by the lens's parameters, gradients and optimizer state
@@ -223,7 +281,7 @@ def measure_training_memory(adapter: ModelAdapter, batch: torch.Tensor, lens_typ
         _, peak = _rss_bytes()
         peak_delta = max(0, peak - base) if peak_resettable else None
         method = "peak RSS (VmHWM) increase" if peak_resettable else "unavailable"
-    result = {
+    result: MeasuredMemory = {
         "lens_type": lens_type,
         "rank": lens.config.rank if lens_type == "lowrank" else None,
         "optimizer": optimizer,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from lensforge.data import PackedTokenStream, iter_documents
 from lensforge.errors import ConfigError
@@ -19,9 +19,33 @@ from lensforge.lenses import Lens
 from lensforge.training import TrainConfig, train
 
 if TYPE_CHECKING:
+    from lensforge.metrics import LayerMetrics
     from lensforge.models.adapter import ModelAdapter
 
 DEFAULT_KS = (4, 16, 32, 64)
+
+
+class SweepRow(TypedDict):
+    """One row of `sweep_summary` (keys in this order)."""
+
+    lens: str
+    lens_type: str  # "logit" for the logit lens
+    rank: int | None
+    k: int | None  # LoRA-Lenses (lora_k<k>) only
+    parameters: int
+    percent_of_tuned: float | None
+    mean_kl: float | None
+    raf: float | None  # against the reference; 0.0 for the reference itself
+
+
+class SweepResult(TypedDict):
+    """What `run_sweep` returns (keys in this order)."""
+
+    rows: list[SweepRow]
+    results: dict[str, LayerMetrics]  # per lens, in the order logit, tuned, lora_k<k>...
+    timings: dict[str, float]  # training timings
+    lens_dir: str  # folder of the saved lenses
+    config: dict[str, Any]  # the TrainConfig trained with
 
 
 def sweep_config(base: TrainConfig, ks: Sequence[int]) -> TrainConfig:
@@ -34,12 +58,12 @@ def sweep_config(base: TrainConfig, ks: Sequence[int]) -> TrainConfig:
 
 
 def sweep_summary(results: Mapping[str, Mapping[str, Any]], lenses: Mapping[str, Lens],
-                  reference: str = "tuned") -> list[dict]:
+                  reference: str = "tuned") -> list[SweepRow]:
     """One row per lens: type, rank, k, parameters, % of the tuned lens's parameters,
     mean KL and RAF against `reference`."""
     raf = raf_table(results, reference)
     ref_params = lenses[reference].num_parameters() if reference in lenses else None
-    rows = []
+    rows: list[SweepRow] = []
     for name, res in results.items():
         lens = lenses.get(name)
         n_params = lens.num_parameters() if lens is not None else 0
@@ -58,7 +82,7 @@ def sweep_summary(results: Mapping[str, Mapping[str, Any]], lenses: Mapping[str,
 
 def run_sweep(adapter: ModelAdapter, cfg: TrainConfig, ks: Sequence[int], *, eval_data: str,
               eval_tokens: int, text_field: str = "text", progress: bool = False,
-              eval_seq_len: int | None = None, resume: bool = False) -> dict:
+              eval_seq_len: int | None = None, resume: bool = False) -> SweepResult:
     """Train tuned + LoRA(k for k in ks) in one run, evaluate all on held-out `eval_data`
     (sequences of `eval_seq_len`, default cfg.seq_len). `resume` continues (or, once
     finished, reuses) the training run in cfg.out.

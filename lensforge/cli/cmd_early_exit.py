@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from lensforge.analysis.early_exit_eval import collect_exit_records, exit_curve
+from lensforge.analysis.early_exit_eval import ExitStats, collect_exit_records, exit_curve
 from lensforge.cli.common import positive
 from lensforge.cli.study import Column, Report, Study, Table, study_parser
 from lensforge.cli.study_inputs import add_sequence_args, sequences_from_args
@@ -42,7 +42,8 @@ def run_early_exit(study: Study) -> Report:
     seqs, described = sequences_from_args(args, adapter)
     n = args.lambdas
     lambdas = [i / (n - 1) for i in range(n)] if n > 1 else [0.0]
-    curves, avg_len = {}, None
+    curves: dict[str, list[ExitStats]] = {}
+    avg_len: float | None = None
     for name, lens in lenses.items():
         records = collect_exit_records(adapter, lens, seqs)
         avg_len = records.avg_len

@@ -14,6 +14,8 @@ from pathlib import Path
 from lensforge.analysis.memory import (
     OPTIMIZER_STATES,
     PUBLISHED_CONFIGS,
+    MeasuredMemory,
+    MemoryRow,
     config_dims,
     measure_training_memory,
     memory_table,
@@ -54,7 +56,7 @@ def _configs(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
     return models
 
 
-def _measure(study: Study) -> list[dict]:
+def _measure(study: Study) -> list[MeasuredMemory]:
     args, adapter = study.args, study.adapter
     ids = adapter.tokenizer("The quick brown fox jumps over the lazy dog. " * 400,
                             return_tensors="pt")["input_ids"][:, : args.measure_tokens]
@@ -62,22 +64,23 @@ def _measure(study: Study) -> list[dict]:
             for opt in args.optimizer for lens_type in ("tuned", "lowrank")]
 
 
-def _csv_rows(table: list[dict], measured: list[dict], measured_model: str | None) -> list[tuple]:
-    rows = []
+def _csv_rows(table: list[MemoryRow], measured: list[MeasuredMemory],
+              measured_model: str | None) -> list[tuple]:
+    rows: list[tuple] = []
     for r in table:
-        for kind in ("tuned", "lowrank"):
-            m = r[kind]
+        for kind, m in (("tuned", r["tuned"]), ("lowrank", r["lowrank"])):
             rows.append(("computed", r["model"], r["optimizer"], kind, m["rank"], m["parameters"],
                          m["param_bytes"], m["grad_bytes"], m["optimizer_bytes"],
                          m["total_bytes"], ""))
-    for m in measured:
-        rows.append(("measured", measured_model, m["optimizer"], m["lens_type"], m["rank"],
-                     m["parameters"], m["param_bytes"], m["grad_bytes"], m["optimizer_bytes"],
-                     m["state_bytes"], m["peak_delta_bytes"] or ""))
+    for mm in measured:
+        rows.append(("measured", measured_model, mm["optimizer"], mm["lens_type"], mm["rank"],
+                     mm["parameters"], mm["param_bytes"], mm["grad_bytes"], mm["optimizer_bytes"],
+                     mm["state_bytes"], mm["peak_delta_bytes"] or ""))
     return rows
 
 
-def _measured_lines(optimizers: list[str], measured: list[dict], model: str | None) -> list[str]:
+def _measured_lines(optimizers: list[str], measured: list[MeasuredMemory],
+                    model: str | None) -> list[str]:
     lines = []
     for opt in optimizers:
         pair = {m["lens_type"]: m for m in measured if m["optimizer"] == opt}
@@ -94,7 +97,8 @@ def _measured_lines(optimizers: list[str], measured: list[dict], model: str | No
 def run_memory(study: Study) -> Report:
     args = study.args
     models = _configs(args)  # before the model loads (--measure)
-    measured_model, measured = None, []
+    measured_model: str | None = None
+    measured: list[MeasuredMemory] = []
     if args.measure:
         measured = _measure(study)
         measured_model = f"{Path(study.adapter.model_id).name} (measured)"

@@ -8,7 +8,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from lensforge.viz._mpl import pyplot, save_figure
 from lensforge.viz.curves import lens_colors
@@ -16,6 +16,11 @@ from lensforge.viz.curves import lens_colors
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+
+    from lensforge.analysis.early_exit_eval import ExitStats
+    from lensforge.analysis.memory import MeasuredMemory, MemoryRow
+    from lensforge.analysis.spectrum import LensSpectrum
+    from lensforge.analysis.sweep import SweepRow
 
 plt = pyplot()
 
@@ -29,7 +34,7 @@ def _style(ax: Axes) -> None:
     ax.spines[["top", "right"]].set_visible(False)
 
 
-def plot_spectrum(results: Mapping[str, dict], path: str | os.PathLike,
+def plot_spectrum(results: Mapping[str, LensSpectrum], path: str | os.PathLike,
                   title: str | None = None) -> Path:
     """Fig. 1: per-layer effective rank (with 3%·H), energy share of the top 50% of
     components, and participation ratio (with H/2), one line per lens."""
@@ -59,7 +64,7 @@ def plot_spectrum(results: Mapping[str, dict], path: str | os.PathLike,
     return _save(fig, path)
 
 
-def plot_raf_vs_params(rows: Sequence[dict], path: str | os.PathLike,
+def plot_raf_vs_params(rows: Sequence[SweepRow], path: str | os.PathLike,
                        title: str | None = None) -> Path:
     """Fig. 2: RAF against the tuned lens vs trainable parameters (log x), one point per
     LoRA-Lens labelled with k; the tuned lens sits at RAF 0."""
@@ -85,12 +90,13 @@ def plot_raf_vs_params(rows: Sequence[dict], path: str | os.PathLike,
     return _save(fig, path)
 
 
-_MEMORY_PARTS = (("param_bytes", "parameters"), ("grad_bytes", "gradients"),
-                 ("optimizer_bytes", "optimizer state"))
+_MEMORY_PARTS: tuple[tuple[Literal["param_bytes", "grad_bytes", "optimizer_bytes"], str], ...] = (
+    ("param_bytes", "parameters"), ("grad_bytes", "gradients"),
+    ("optimizer_bytes", "optimizer state"))
 
 
-def plot_memory(rows: Sequence[dict], path: str | os.PathLike, *,
-                measured: Sequence[dict] | None = None, measured_model: str | None = None,
+def plot_memory(rows: Sequence[MemoryRow], path: str | os.PathLike, *,
+                measured: Sequence[MeasuredMemory] | None = None, measured_model: str | None = None,
                 title: str | None = None) -> Path:
     """Fig. 4: log-scale bytes of parameters, gradients and optimizer state, tuned lens vs
     LoRA-Lens, per model (rows of `memory_table` for one optimizer). `measured` rows
@@ -121,13 +127,14 @@ def plot_memory(rows: Sequence[dict], path: str | os.PathLike, *,
     return _save(fig, path)
 
 
-def plot_early_exit(curves: Mapping[str, Sequence[dict]], path: str | os.PathLike,
+def plot_early_exit(curves: Mapping[str, Sequence[ExitStats]], path: str | os.PathLike,
                     title: str | None = None) -> Path:
     """Fig. 6: exit rate, exit precision and fraction of layers skipped vs λ, per lens."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     colors = lens_colors(curves)
-    panels = (("exit_rate", "exit rate"), ("exit_precision", "exit precision"),
-              ("layers_skipped", "fraction of layers skipped"))
+    panels: tuple[tuple[Literal["exit_rate", "exit_precision", "layers_skipped"], str], ...] = (
+        ("exit_rate", "exit rate"), ("exit_precision", "exit precision"),
+        ("layers_skipped", "fraction of layers skipped"))
     for name, curve in curves.items():
         lams = [c["lambda"] for c in curve]
         for ax, (key, _) in zip(axes, panels, strict=True):
