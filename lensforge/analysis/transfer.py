@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from torch import Tensor
@@ -25,6 +25,14 @@ if TYPE_CHECKING:
     from lensforge.models.adapter import ModelAdapter
 
 INSTRUCTION_SOURCES = ("alpaca", "builtin")
+
+
+class TransferResult(TypedDict):
+    """What `transfer_eval` returns (keys in this order)."""
+
+    results: dict[str, LayerMetrics]  # "<name> (A)" then "<name> (B)" lenses, logit added
+    reference: str | None  # "<name> (B)", or None without native lenses
+    raf: dict[str, float]  # against the reference; empty without one
 
 
 @dataclass
@@ -138,7 +146,8 @@ def evaluate_sequences(adapter: ModelAdapter, lenses: Mapping[str, Lens],
 
 
 def transfer_eval(adapter_b: ModelAdapter, transferred: Mapping[str, Lens], native: Mapping[str, Lens],
-                  sequences: Sequence[EvalSequence], *, reference: str | None = None) -> dict:
+                  sequences: Sequence[EvalSequence], *, reference: str | None = None
+                  ) -> TransferResult:
     """Score lenses trained on A (`transferred`) and on B (`native`) on B's sequences.
 
     Lens names get suffixes ' (A)' and ' (B)'. RAF of every lens is taken against

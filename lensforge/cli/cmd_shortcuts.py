@@ -9,6 +9,7 @@ OUT/shortcuts.json, metrics.json/csv and shortcuts.png.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from lensforge.analysis.shortcuts import shortcut_analysis
 from lensforge.cli.study import Column, Report, Study, Table, study_parser
@@ -29,11 +30,12 @@ def run_shortcuts(study: Study) -> Report:
     lenses = study.lenses(logit=False)  # shortcut_analysis adds the logit lens
     seqs, described = sequences_from_args(args, adapter)
     result = shortcut_analysis(adapter, lenses, seqs, reference=args.reference)
-    full_results = result.pop("full_results")
-    result["data"] = described
-    result["model"] = adapter.model_id
+    full_results = result["full_results"]
+    summary: dict[str, Any] = {k: v for k, v in result.items() if k != "full_results"}
+    summary["data"] = described
+    summary["model"] = adapter.model_id
     report = Report()
-    report.json("shortcuts.json", result)
+    report.json("shortcuts.json", summary)
     report.layer_metrics(full_results)
     report.figure("shortcuts.png", plot_layer_curves, result["lenses"],
                   metrics=("precision@1", "precision@5", "surprisal"),
