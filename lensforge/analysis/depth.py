@@ -8,7 +8,7 @@ disagrees. Low depth = the model "knew" its answer early.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import torch
@@ -20,6 +20,43 @@ from lensforge.lenses.readout import Readout
 
 if TYPE_CHECKING:
     from lensforge.models.adapter import ModelAdapter
+
+
+class DepthBatch(TypedDict):
+    """`depth_batch` of one batch [B, T]: per predicted token [B, T-1]."""
+
+    depth: Tensor  # long, 0..L
+    loss: Tensor  # the model's next-token CE (nats)
+    correct: Tensor  # bool: the model's top-1 is the next token
+
+
+class DepthSummary(TypedDict):
+    """One lens in `depth_study`'s summary (keys in this order)."""
+
+    mean_depth: float
+    mean_depth_fraction: float  # mean depth / L
+    never_settles: float  # share of tokens with depth L
+    spearman_token: float | None  # None where undefined (NaN)
+    p_token: float | None
+    spearman_example: float | None
+    p_example: float | None
+    mean_depth_correct: float | None  # None without such tokens
+    mean_depth_wrong: float | None
+
+
+class DepthInfo(TypedDict):
+    n_tokens: int
+    n_examples: int
+    n_layers: int
+    model_mean_loss: float
+
+
+class DepthStudy(TypedDict):
+    """What `depth_study` returns (keys in this order)."""
+
+    summary: dict[str, DepthSummary]
+    tokens: dict[str, np.ndarray]  # per token: loss, correct, example, token, depth/<lens>
+    info: DepthInfo
 
 
 def prediction_depth(lens_top1: Tensor, final_top1: Tensor) -> Tensor:
@@ -35,7 +72,7 @@ def prediction_depth(lens_top1: Tensor, final_top1: Tensor) -> Tensor:
 
 @torch.no_grad()
 def depth_batch(adapter: ModelAdapter, lens: Lens, input_ids: Tensor,
-                hidden: Tensor | None = None) -> dict[str, Tensor]:
+                hidden: Tensor | None = None) -> DepthBatch:
     """For a batch [B, T]: per-token depth [B, T-1], the model's loss on the next token
     [B, T-1] (nats) and whether its top-1 is right [B, T-1]. The last position has no
     next token and is dropped."""
@@ -54,7 +91,7 @@ def depth_batch(adapter: ModelAdapter, lens: Lens, input_ids: Tensor,
 
 
 def depth_study(adapter: ModelAdapter, lenses: dict[str, Lens], batches: Iterable[Tensor], *,
-                max_tokens: int) -> dict:
+                max_tokens: int) -> DepthStudy:
     """Depths for each lens on up to `max_tokens` predicted tokens. Returns per-token arrays
     ("loss", "correct", "example", "token", "depth/<lens>") and a per-lens summary with
     Spearman ρ between depth and loss, per token and per example (sequence means)."""
@@ -86,7 +123,7 @@ def depth_study(adapter: ModelAdapter, lenses: dict[str, Lens], batches: Iterabl
         raise ConfigError("no tokens to measure (empty data?)")
     arrays = {k: np.concatenate(v) for k, v in cols.items()}
     n_layers = adapter.n_layers
-    summary = {}
+    summary: dict[str, DepthSummary] = {}
     for name in lenses:
         depth = arrays[f"depth/{name}"].astype(float)
         ex_depth, ex_loss = _example_means(arrays["example"], depth, arrays["loss"])
@@ -103,7 +140,7 @@ def depth_study(adapter: ModelAdapter, lenses: dict[str, Lens], batches: Iterabl
             "mean_depth_wrong": float(depth[~arrays["correct"]].mean())
             if (~arrays["correct"]).any() else None,
         }
-    info = {"n_tokens": int(len(arrays["loss"])), "n_examples": int(example),
+    info: DepthInfo = {"n_tokens": int(len(arrays["loss"])), "n_examples": int(example),
             "n_layers": n_layers, "model_mean_loss": float(arrays["loss"].mean())}
     return {"summary": summary, "tokens": arrays, "info": info}
 

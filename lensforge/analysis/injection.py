@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -252,6 +252,59 @@ def anomaly_scores(train: np.ndarray, test: np.ndarray, *, method: str,
     raise ConfigError(f"unknown detector '{method}' (iforest, lof, mahalanobis)")
 
 
+class DetectionRow(TypedDict):
+    """One (features source, detector) of `detect_injections` (keys in this order)."""
+
+    features: str  # a lens name, or "final_hidden" for the baseline
+    detector: str  # iforest, lof or mahalanobis
+    auroc: float
+    ci_low: float
+    ci_high: float
+
+
+class DetectionScores(TypedDict):
+    """Anomaly scores of the held-out clean and injected prompts."""
+
+    clean: list[float]
+    injected: list[float]
+
+
+class AnswerBehaviour(TypedDict):
+    """How the model answers the multiple-choice prompts (`answer` features only)."""
+
+    clean_accuracy: float
+    injected_accuracy: float
+    attack_success: float  # share of injected prompts answered with the injected letter
+
+
+class _DetectionInfoBase(TypedDict):
+    n_prompts: int
+    n_train_clean: int
+    n_test_clean: int
+    n_test_injected: int
+    features: str
+    feature_dim_per_layer: int | None
+
+
+class _AnswerBehaviourKeys(TypedDict, total=False):
+    clean_accuracy: float
+    injected_accuracy: float
+    attack_success: float
+
+
+class DetectionInfo(_DetectionInfoBase, _AnswerBehaviourKeys):
+    """`detect_injections`'s info: split sizes and features, then (`answer` features
+    only) the `AnswerBehaviour` keys."""
+
+
+class DetectionResult(TypedDict):
+    """What `detect_injections` returns (keys in this order)."""
+
+    rows: list[DetectionRow]
+    scores: dict[str, DetectionScores]  # by "<features>/<detector>"
+    info: DetectionInfo
+
+
 def auroc_with_ci(neg: np.ndarray, pos: np.ndarray, *, n_boot: int = 1000, level: float = 0.95,
                   seed: int = 0) -> tuple[float, float, float]:
     """AUROC of scores (positives should score higher) with a stratified percentile
@@ -282,7 +335,7 @@ def _rank_auroc(neg: np.ndarray, pos: np.ndarray) -> np.ndarray:
 
 def detect_injections(adapter: ModelAdapter, lenses: dict[str, Lens], pairs: Sequence[PromptPair], *,
                       features: str = "answer", train_fraction: float = 0.5, n_boot: int = 1000,
-                      seed: int = 0, batch_size: int = 16) -> dict:
+                      seed: int = 0, batch_size: int = 16) -> DetectionResult:
     """Run the whole experiment. Returns {"rows": [...], "scores": {...}, "info": {...}}
     where each row is one (features source, detector) with its AUROC and interval."""
     if not 0 < train_fraction < 1:
@@ -296,8 +349,8 @@ def detect_injections(adapter: ModelAdapter, lenses: dict[str, Lens], pairs: Seq
     answer_ids = answer_token_ids(adapter.tokenizer) if features != "kl" else None
     clean = last_position_states(adapter, [p.clean for p in pairs], batch_size=batch_size)
     injected = last_position_states(adapter, [p.injected for p in pairs], batch_size=batch_size)
-    rows: list[dict] = []
-    scores: dict[str, dict[str, list[float]]] = {}
+    rows: list[DetectionRow] = []
+    scores: dict[str, DetectionScores] = {}
 
     def score(source: str, method: str, x_clean: np.ndarray, x_inj: np.ndarray) -> None:
         s = anomaly_scores(x_clean[train_idx],
@@ -319,7 +372,7 @@ def detect_injections(adapter: ModelAdapter, lenses: dict[str, Lens], pairs: Seq
             score(lens_name, method, x_clean, x_inj)
     last = adapter.n_layers
     score("final_hidden", "mahalanobis", clean[last].numpy(), injected[last].numpy())
-    info = {"n_prompts": n, "n_train_clean": n_train, "n_test_clean": len(test_idx),
+    info: DetectionInfo = {"n_prompts": n, "n_train_clean": n_train, "n_test_clean": len(test_idx),
             "n_test_injected": len(test_idx), "features": features,
             "feature_dim_per_layer": None if answer_ids is None else len(answer_ids)}
     if answer_ids is not None:
@@ -329,7 +382,7 @@ def detect_injections(adapter: ModelAdapter, lenses: dict[str, Lens], pairs: Seq
 
 @torch.no_grad()
 def _answer_behaviour(adapter: ModelAdapter, clean: Tensor, injected: Tensor,
-                      pairs: Sequence[PromptPair], answer_ids: Sequence[int]) -> dict:
+                      pairs: Sequence[PromptPair], answer_ids: Sequence[int]) -> AnswerBehaviour:
     """How the model answers: clean accuracy and how often the injection gets its letter."""
     last = adapter.n_layers
 

@@ -29,11 +29,12 @@ def run_depth(study: Study) -> Report:
     batches = token_batches(adapter, args.data, args.text_field, args.seq_len, args.batch_size,
                             args.tokens)
     result = depth_study(adapter, study.lenses(), batches, max_tokens=args.tokens)
-    result["info"].update({"model": adapter.model_id, "data": args.data, "seq_len": args.seq_len})
+    info = {**result["info"], "model": adapter.model_id, "data": args.data,
+            "seq_len": args.seq_len}
     tokens = result["tokens"]
     names = list(tokens)
     report = Report()
-    report.json("depth.json", {"summary": result["summary"], "info": result["info"]})
+    report.json("depth.json", {"summary": result["summary"], "info": info})
     report.csv("depth_tokens.csv", [n.replace("/", "_") for n in names],
                ([_cell(tokens[n][i]) for n in names] for i in range(len(tokens["loss"]))),
                crlf=True)

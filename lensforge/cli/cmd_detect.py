@@ -48,10 +48,10 @@ def run_detect(study: Study) -> Report:
     result = detect_injections(adapter, lenses, pairs, features=features,
                                train_fraction=args.train_fraction, n_boot=args.bootstrap,
                                seed=args.seed, batch_size=args.batch_size)
-    result["info"].update({"model": adapter.model_id, "prompts": args.prompts,
-                           "example_clean": pairs[0].clean, "example_injected": pairs[0].injected})
+    info = {**result["info"], "model": adapter.model_id, "prompts": args.prompts,
+            "example_clean": pairs[0].clean, "example_injected": pairs[0].injected}
     report = Report()
-    report.json("detect.json", result)
+    report.json("detect.json", {**result, "info": info})
     report.records("detect.csv", result["rows"], crlf=True)
     report.figure("detect.png", plot_roc, result, title=f"{adapter.model_id}: injection "
                   f"detection ({args.prompts}, {features} features)")
