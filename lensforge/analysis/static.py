@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypedDict, cast
 
 import torch
 from torch import Tensor, nn
@@ -179,6 +179,37 @@ def top_tokens(logits: Tensor, k: int) -> Tensor:
     return logits.topk(k, dim=-1).indices
 
 
+class StaticRow(TypedDict):
+    """Mean coherence of T(W) for one lens, kind and layer (keys in this order)."""
+
+    lens: str
+    kind: str  # mlp_out, ov_out or ov_in
+    layer: int
+    lens_index: int  # the lens layer that reads the vectors
+    n_vectors: int
+    coherence_real: float
+    coherence_random: float  # Gaussian vectors through the same lens and layer
+    real_minus_random: float
+
+
+class StaticExample(TypedDict):
+    """One of the most coherent decoded token lists (keys in this order)."""
+
+    lens: str
+    kind: str
+    layer: int
+    vector: str  # which parameter vector
+    coherence: float
+    tokens: list[str]
+
+
+class StaticStudy(TypedDict):
+    """What `static_study` returns."""
+
+    rows: list[StaticRow]
+    examples: list[StaticExample]  # the 3 most coherent per (lens, kind, layer)
+
+
 def coherence(token_ids: Tensor, embeddings: Tensor) -> Tensor:
     """Mean pairwise cosine (i != j) of the embeddings of each row's tokens: [n, k] -> [n].
 
@@ -194,7 +225,7 @@ def coherence(token_ids: Tensor, embeddings: Tensor) -> Tensor:
 def static_study(adapter: ModelAdapter, lenses: dict[str, Lens], layers: Sequence[int], *,
                  kinds: Sequence[str] = ("mlp_out", "ov_out", "ov_in"), top_k: int = 10,
                  n_singular: int = 4, max_vectors: int | None = 256, seed: int = 0,
-                 chunk: int = 256) -> dict:
+                 chunk: int = 256) -> StaticStudy:
     """Coherence of T(W) for real and random vectors, per lens, kind and layer.
 
     Returns {"rows": [per (lens, kind, layer): mean coherence real/random, n],
@@ -207,7 +238,8 @@ def static_study(adapter: ModelAdapter, lenses: dict[str, Lens], layers: Sequenc
     emb = adapter.input_embeddings().weight.detach()
     tok = adapter.tokenizer
     gen = torch.Generator().manual_seed(seed)
-    rows, examples = [], []
+    rows: list[StaticRow] = []
+    examples: list[StaticExample] = []
     for layer in layers:
         for kind in kinds:
             vecs, labels = parameter_vectors(adapter, layer, kind, n_singular=n_singular,

@@ -53,12 +53,13 @@ def run_static(study: Study) -> Report:
     kinds = _kinds(args)
     result = static_study(adapter, lenses, layers, kinds=kinds, top_k=args.top_k,
                           n_singular=args.singular, max_vectors=args.max_vectors, seed=args.seed)
-    result["info"] = {"model": adapter.model_id, "layers": layers, "kinds": kinds,
-                      "top_k": args.top_k, "embedding": "model input embeddings (BPEmb offline: n/a)"}
+    info = {"model": adapter.model_id, "layers": layers, "kinds": kinds,
+            "top_k": args.top_k, "embedding": "model input embeddings (BPEmb offline: n/a)"}
+    output = {**result, "info": info}
     report = Report()
-    report.json("static.json", result)
+    report.json("static.json", output)
     report.records("static.csv", result["rows"], crlf=True)
-    report.figure("static.png", plot_static, result,
+    report.figure("static.png", plot_static, output,
                   title=f"{adapter.model_id}: coherence of T(W)")
     report.print(Table(
         [Column("lens", "<12"), Column("kind", "<9"), Column("layer", ">6"),
