@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -125,6 +126,38 @@ def mean_kl(logits_fn: LogitsFn, base_logprobs: Tensor, h: Tensor, chunk: int = 
 
 
 # ------------------------------------------------------------------------ extraction
+class _BasisRowBase(TypedDict):
+    layer: int
+    ablation: str
+    energies: list[float]
+    k: int
+
+
+class _FidelityKeys(TypedDict, total=False):
+    model_influence: list[float]  # KL of the model's output per direction (nats)
+    spearman: float  # between energies and model_influence (NaN where undefined)
+
+
+class CausalBasisRow(_BasisRowBase, _FidelityKeys):
+    """One layer of `causal_basis_report` (`CausalBasis.to_dict`, keys in this order),
+    plus model_influence and spearman when causal fidelity is measured."""
+
+
+class CausalBasisReport(TypedDict):
+    """What `causal_basis_report` returns (keys in this order)."""
+
+    model_id: str
+    ablation: str
+    k: int
+    steps: int
+    lr: float
+    tokens_per_step: int
+    vocab_subset: int | None
+    tokens: int
+    layers: list[CausalBasisRow]
+    bases: dict[int, Tensor]  # layer -> directions [k, H]; not JSON, saved separately
+
+
 @dataclass
 class CausalBasis:
     """k orthonormal directions of one layer and their energies (mean KL, nats)."""
@@ -135,7 +168,7 @@ class CausalBasis:
     ablation: str
     history: list[list[float]] = field(default_factory=list)  # per direction, KL per step
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> CausalBasisRow:
         return {"layer": self.layer, "ablation": self.ablation, "energies": self.energies,
                 "k": len(self.energies)}
 
@@ -318,7 +351,7 @@ def causal_basis_report(
     vocab_subset: int | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
-) -> dict:
+) -> CausalBasisReport:
     """CBE for each layer in `layers`, plus causal fidelity. Returns a JSON-able dict:
     {"layers": [{layer, energies, model_influence, spearman}], settings...} and a
     `bases` entry {layer: directions [k, H]} (tensors, for saving separately)."""
@@ -330,7 +363,8 @@ def causal_basis_report(
     unembed = float32_unembed(adapter)
     hs = torch.cat([adapter.hidden_states(b, layers=list(layers)).flatten(1, 2) for b in batches],
                    dim=1)  # [len(layers), N, H]
-    rows, bases = [], {}
+    rows: list[CausalBasisRow] = []
+    bases: dict[int, Tensor] = {}
     for i, layer in enumerate(layers):
         logits_fn = lens_logits_fn(lens, layer, unembed)
         surrogate = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
+from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -50,9 +51,48 @@ def identity_block(block: nn.Module) -> Iterator[None]:
         handle.remove()
 
 
+class IdentityAblation(TypedDict):
+    """`identity_ablation_losses`: mean next-token CE (nats), intact and per ablated block."""
+
+    baseline: float
+    layers: list[int]
+    loss: list[float]
+
+
+class CosineQuantiles(TypedDict):
+    """`random_cosine_quantiles`: pairwise cosines of random Gaussian vectors."""
+
+    dim: int
+    n_vectors: int
+    p05: float
+    p50: float
+    p95: float
+    normal_p05: float  # −1.645/√dim
+
+
+class AlignmentSummary(TypedDict):
+    """Cosines of one block's update and gradient, summarized (keys in this order)."""
+
+    mean: float
+    p05: float
+    median: float
+    p95: float
+    frac_negative: float
+
+
+class GradientAlignment(TypedDict):
+    """What `gradient_alignment` returns (keys in this order)."""
+
+    per_sequence: list[AlignmentSummary]  # per block
+    per_token: list[AlignmentSummary]
+    per_sequence_values: list[list[float]]  # per block, one cosine per sequence
+    random_baseline_sequence: CosineQuantiles  # in the flattened sequence dimension T·H
+    random_baseline_token: CosineQuantiles  # in H
+
+
 @torch.no_grad()
 def identity_ablation_losses(adapter: ModelAdapter, batches: Sequence[Tensor],
-                             layers: Sequence[int] | None = None) -> dict:
+                             layers: Sequence[int] | None = None) -> IdentityAblation:
     """Mean next-token CE (nats) of the intact model and with each block in `layers`
     (default all) replaced by the identity: {"baseline": float, "layers": [...],
     "loss": [...]}."""
@@ -127,7 +167,7 @@ def _cos(a: Tensor, b: Tensor) -> Tensor:
 
 
 def random_cosine_quantiles(dim: int, n_vectors: int = 250, seed: int = 0
-                            ) -> dict[str, float]:
+                            ) -> CosineQuantiles:
     """5th/50th/95th percentiles of pairwise cosines of `n_vectors` Gaussian vectors in R^dim
     (the paper's baseline), and the normal approximation of the 5th: −1.645/√dim."""
     g = torch.Generator().manual_seed(seed)
@@ -143,7 +183,7 @@ def random_cosine_quantiles(dim: int, n_vectors: int = 250, seed: int = 0
             "p95": float(q[2]), "normal_p05": -1.6449 / math.sqrt(dim)}
 
 
-def gradient_alignment(adapter: ModelAdapter, batches: Sequence[Tensor]) -> dict:
+def gradient_alignment(adapter: ModelAdapter, batches: Sequence[Tensor]) -> GradientAlignment:
     """Per block l: cosine(F_l, ∂loss/∂h_l) per sequence (flattened over tokens, as in the
     paper) and per token. Returns lists per layer plus summary quantiles and the
     random-vector baselines for both dimensions."""
@@ -164,8 +204,8 @@ def gradient_alignment(adapter: ModelAdapter, batches: Sequence[Tensor]) -> dict
             per_seq[layer] += _cos(updates[layer].flatten(1), g[layer].flatten(1)).tolist()
             per_tok[layer] += _cos(updates[layer], g[layer]).flatten().tolist()
 
-    def summary(values: list[list[float]]) -> list[dict]:
-        out = []
+    def summary(values: list[list[float]]) -> list[AlignmentSummary]:
+        out: list[AlignmentSummary] = []
         for vals in values:
             t = torch.tensor(vals, dtype=torch.float64)
             q = torch.quantile(t, torch.tensor([0.05, 0.5, 0.95], dtype=t.dtype))

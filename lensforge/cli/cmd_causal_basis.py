@@ -63,18 +63,19 @@ def run_causal_basis(study: Study) -> Report:
         adapter, lens, batches, layers, args.k, ablation=args.ablation, steps=args.steps,
         lr=args.lr, tokens_per_step=args.tokens_per_step, fidelity=not args.no_fidelity,
         vocab_subset=args.vocab_subset, seed=args.seed, progress=print)
-    bases = result.pop("bases")
-    result["lens"] = str(args.lens)
+    bases = result["bases"]
+    output: dict[str, object] = {k: v for k, v in result.items() if k != "bases"}
+    output["lens"] = str(args.lens)
     rows = []
     for row in result["layers"]:
         influence = row.get("model_influence", [float("nan")] * len(row["energies"]))
         rows += [(row["layer"], i, f"{e:.6g}", f"{m:.6g}")
                  for i, (e, m) in enumerate(zip(row["energies"], influence, strict=True))]
     report = Report()
-    report.json("causal_basis.json", result)
+    report.json("causal_basis.json", output)
     report.csv("causal_basis.csv", ("layer", "direction", "energy", "model_influence"), rows)
     report.file("bases.safetensors", lambda path: save_file(
         {f"layer_{layer}": d.contiguous() for layer, d in bases.items()}, str(path)))
     if not args.no_fidelity:
-        report.figure("fidelity.png", plot_causal_fidelity, result)
+        report.figure("fidelity.png", plot_causal_fidelity, output)
     return report
