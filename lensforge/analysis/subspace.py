@@ -15,6 +15,7 @@ ignores changes the logits a little through the norm's scale.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypedDict
 
 import torch
 from torch import Tensor
@@ -73,9 +74,16 @@ def ablation_kls(logits_fn: Callable[[Tensor], Tensor], x: Tensor, q_out: Tensor
     return totals[0] / x.shape[0], totals[1] / x.shape[0]
 
 
+class SubspaceAblation(TypedDict):
+    """KL (nats) per layer with the internal / the output subspace removed."""
+
+    remove_internal: list[float]
+    remove_output: list[float]
+
+
 @torch.no_grad()
 def lens_subspace_ablation(adapter: ModelAdapter, lens: Lens, batches: Sequence[Tensor],
-                           q_out: Tensor, q_int: Tensor) -> dict[str, list[float]]:
+                           q_out: Tensor, q_int: Tensor) -> SubspaceAblation:
     """Per layer 0..L-1: KL(lens ‖ lens with internal removed), KL(… output removed)."""
     unembed = float32_unembed(adapter)
     L = adapter.n_layers
@@ -97,15 +105,15 @@ def lens_subspace_ablation(adapter: ModelAdapter, lens: Lens, batches: Sequence[
 @torch.no_grad()
 def residual_subspace_ablation(adapter: ModelAdapter, batches: Sequence[Tensor],
                                q_out: Tensor, q_int: Tensor,
-                               layers: Sequence[int]) -> dict[str, list[float]]:
+                               layers: Sequence[int]) -> SubspaceAblation:
     """Per layer in `layers`: KL(model ‖ model with P_S h_l removed in its residual stream)."""
     if not batches:
         raise DataError("no data for the subspace ablation")
     bases = [torch.log_softmax(adapter.model_logits(b).float(), -1) for b in batches]
     n = sum(b.numel() for b in batches)
-    out: dict[str, list[float]] = {"remove_internal": [], "remove_output": []}
+    out: SubspaceAblation = {"remove_internal": [], "remove_output": []}
     for layer in layers:
-        for key, q in (("remove_internal", q_int), ("remove_output", q_out)):
+        for kls, q in ((out["remove_internal"], q_int), (out["remove_output"], q_out)):
             qd = q.to(adapter.device)
 
             def edit(h: Tensor, qd: Tensor = qd) -> Tensor:
@@ -116,6 +124,6 @@ def residual_subspace_ablation(adapter: ModelAdapter, batches: Sequence[Tensor],
                 for b, base in zip(batches, bases, strict=True):
                     lp = torch.log_softmax(adapter.model_logits(b).float(), -1)
                     total += float(kl_from_logprobs(base, lp).sum())
-            out[key].append(total / n)
+            kls.append(total / n)
     return out
 

@@ -10,6 +10,7 @@ OUT/subspace.json, subspace.csv and subspace.png.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
 from lensforge.analysis.subspace import (
@@ -42,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-mismatch", action="store_true")
 
 
-def _table(title: str, layers: list[int], res: dict) -> Table:
+def _table(title: str, layers: list[int], res: Mapping[str, Any]) -> Table:
     return Table([Column("layer", ">5", "  "), Column("", ">19.4f", "  "),
                   Column("", ">17.4f", "  ")],
                  zip(layers, res["remove_internal"], res["remove_output"], strict=True),
@@ -79,10 +80,9 @@ def run_subspace(study: Study) -> Report:
     if args.residual_layers != "none":
         layers = parse_layers(args.residual_layers, adapter.n_layers)
         res_batches = first_tokens(batches, res_tokens)
-        residual: dict[str, Any] = residual_subspace_ablation(adapter, res_batches, q_out, q_int,
-                                                              layers)
-        residual["layers"] = layers
-        residual["tokens"] = sum(b.numel() for b in res_batches)
+        residual: dict[str, Any] = {
+            **residual_subspace_ablation(adapter, res_batches, q_out, q_int, layers),
+            "layers": layers, "tokens": sum(b.numel() for b in res_batches)}
         results["residual"] = residual
         report.print(_table("model residual stream", layers, residual))
         rows += [("residual", layer, f"{a:.6g}", f"{b:.6g}") for layer, a, b in
