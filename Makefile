@@ -30,7 +30,7 @@ install: $(STAMP)
 install-dev: $(DEVSTAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/lensforge run --out runs/main
+	$(VENV)/bin/lensforge run --out runs/main --overwrite
 
 # Headless Chromium for the HTML tests (Debian package; best effort: the tests skip
 # with a reason where it cannot be installed).

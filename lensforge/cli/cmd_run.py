@@ -35,8 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "OUT/eval_<name>/metrics.json")
     p.add_argument("--text-field", default="text")
     p.add_argument("-k", type=positive, default=32, help="LoRA rank divisor")
-    p.add_argument("--init-tokens", type=int, default=32_768, help="closed-form statistics tokens")
-    p.add_argument("--tokens", type=int, default=32_768, help="KL fine-tuning tokens")
+    p.add_argument("--init-tokens", type=int, default=65_536, help="closed-form statistics tokens")
+    p.add_argument("--tokens", type=int, default=98_304, help="KL fine-tuning tokens")
     p.add_argument("--tokens-per-step", type=positive, default=2048,
                    help="tokens per optimizer step")
     p.add_argument("--lr", type=float, default=3e-4,
