@@ -79,3 +79,12 @@ def test_training_panel_without_kl_says_so() -> None:
     html, drawn = report.training_panel([{"step": 1, "kl_mean": {"a": 2.0, "b": 3.0}},
                                   {"step": 2, "kl_mean": {"a": 1.5}}])
     assert drawn == {"a": ([1, 2], [2.0, 1.5]), "b": ([1], [3.0])}
+
+
+def test_subset_training_is_labelled_as_an_estimate() -> None:
+    """With --loss subset the per-step values are the sampled estimate, and the panel says so."""
+    from lensforge.viz import report
+
+    history = [{"step": 1, "kl_mean": {"a": 2.0}}, {"step": 2, "kl_mean": {"a": 1.5}}]
+    assert "biased low" in report.training_panel(history, loss="subset")[0]
+    assert "biased low" not in report.training_panel(history, loss="fused")[0]

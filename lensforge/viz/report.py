@@ -59,7 +59,8 @@ def write_run_report(
     if metrics:
         sections.append(_metrics_section(metrics, raf, model_id))
     if history and history.get("history"):
-        sections.append(training_panel(history["history"])[0])
+        loss = (history.get("config") or {}).get("loss")
+        sections.append(training_panel(history["history"], loss=loss)[0])
     has_widgets = False
     if samples > 0:
         html_samples, has_widgets = _samples_section(run_dir, summary, samples, sample_tokens,
@@ -109,7 +110,8 @@ def _metrics_section(metrics: dict, raf: dict | None, model_id: str) -> str:
     return "\n".join(parts)
 
 
-def training_panel(history: list[dict]) -> tuple[str, dict[str, tuple[list[int], list[float]]]]:
+def training_panel(history: list[dict], *, loss: str | None = None
+                   ) -> tuple[str, dict[str, tuple[list[int], list[float]]]]:
     """The "Training" section: per-step KL (mean over layers) per lens from the records'
     `kl_mean`, and the series drawn (lens -> (steps, KL)), for checks against the JSON."""
     from lensforge.viz.curves import plot_training_kl
@@ -123,7 +125,11 @@ def training_panel(history: list[dict]) -> tuple[str, dict[str, tuple[list[int],
                            '(<code>kl_mean</code>).</p>'), {}
         uri = image_data_uri(path)
     note = ("<p>KL(final layer ‖ lens) per optimizer step, averaged over layers and the "
-            "step's tokens, one line per lens (nats).</p>")
+            "step's tokens, one line per lens (nats).")
+    if loss == "subset":
+        note += (" Trained with <code>--loss subset</code>: these are the sampled estimates "
+                 "the optimizer saw (biased low, noisy); the held-out KL above is exact.")
+    note += "</p>"
     return head + note + f'<img class="lf-fig" alt="training KL per step" src="{uri}">', drawn
 
 
