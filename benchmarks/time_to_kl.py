@@ -77,11 +77,14 @@ def main() -> None:
           "|---|---:|---|---:|---:|---:|---:|---:|"]
     md += [f"| {loss} | {tok:,} | {name} | {cf:.0f} | {kl:.0f} | {w:.0f} | {a:.3f} | {b:.3f} |"
            for loss, tok, name, cf, kl, w, a, b in rows]
-    title = f"## Time to held-out KL: exact vs subset, `{args.data}` text (`benchmarks/time_to_kl.py`)"
+    what = "exact vs subset" if len(args.losses) > 1 else f"{args.losses[0]} only"
+    title = f"## Time to held-out KL: {what}, `{args.data}` text (`benchmarks/time_to_kl.py`)"
     text = title + "\n\n" + "\n".join(md)
     print(text)
     if not args.no_write:
-        update_section(f"time_to_kl_{args.data}", text)
+        both = sorted(args.losses) == ["fused", "subset"]
+        update_section(f"time_to_kl_{args.data}" + ("" if both else "_" + "_".join(args.losses)),
+                       text)
 
 
 if __name__ == "__main__":
