@@ -57,6 +57,7 @@ def evaluate(
     keeps the positions to score (e.g. only a generated reply). Returns {lens name:
     accumulator result}; the logit lens is added as "logit" when absent. `progress`:
     a progress bar with tokens/s and ETA on stderr (default: when stderr is a terminal).
+    `max_tokens`: score exactly this many positions (the batch that crosses it is cut).
     """
     lenses = dict(lenses)
     if not any(isinstance(lens, LogitLens) for lens in lenses.values()):
@@ -71,6 +72,9 @@ def evaluate(
         if max_tokens is not None and seen >= max_tokens:
             break
         ids, mask = _split(item)
+        left = None if max_tokens is None else max_tokens - seen
+        if left is not None and mask is None and ids.numel() > left:
+            ids = ids[: -(-left // ids.shape[-1])]  # no forward pass for rows never scored
         hs = adapter.hidden_states(ids)
         targets = next_token_targets(ids).to(adapter.device)
         if mask is not None:  # score only kept positions: drop the rest before any matmul
@@ -78,6 +82,8 @@ def evaluate(
             layer_h, final_h, targets = hs[:L][:, keep], hs[L][keep], targets[keep]
         else:
             layer_h, final_h, targets = hs[:L].flatten(1, 2), hs[L].flatten(0, 1), targets.flatten()
+        if left is not None and final_h.shape[0] > left:  # the budget ends inside this batch
+            layer_h, final_h, targets = layer_h[:, :left], final_h[:left], targets[:left]
         n = final_h.shape[0]
         for start in range(0, n, chunk):
             sl = slice(start, min(n, start + chunk))

@@ -150,6 +150,24 @@ def test_position_mask_scores_only_kept_positions(tiny_adapter) -> None:
     assert masked["kl"][0] == pytest.approx(float(want), rel=1e-4)
 
 
+def test_max_tokens_scores_exactly_that_many_tokens(tiny_adapter) -> None:
+    """max_tokens is a budget, not a batch count: the last batch is cut to fit (it used
+    to run whole, so --eval-tokens 1024 with 4x512 batches scored 2,048)."""
+    adapter = tiny_adapter("llama")
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, adapter.vocab_size, (2, 16), generator=g) for _ in range(3)]
+    got = evaluate(adapter, {}, batches, max_tokens=40)["logit"]
+    assert got["n_tokens"] == [40] * adapter.n_layers
+    # the same numbers as scoring exactly those 40 positions with a mask
+    mask = [torch.ones(2, 16, dtype=torch.bool), torch.zeros(2, 16, dtype=torch.bool)]
+    mask[1][0, :8] = True
+    want = evaluate(adapter, {}, list(zip(batches[:2], mask, strict=True)))["logit"]
+    assert got["kl"] == pytest.approx(want["kl"], rel=1e-5)
+    masked = evaluate(adapter, {}, [(b, torch.ones_like(b, dtype=torch.bool)) for b in batches],
+                      max_tokens=40)["logit"]
+    assert masked["n_tokens"] == [40] * adapter.n_layers
+
+
 def test_topk_by_segments_is_exact() -> None:
     g = torch.Generator().manual_seed(0)
     z = torch.randn(64, 64 * 80, generator=g)
