@@ -50,6 +50,28 @@ def tracked(ws):
     return out
 
 
+def test_figure_panels_draw_the_tracked_numbers(tracked):
+    from lensforge.viz.tracking_figures import plt, tracking_figure
+
+    rows = _rows(tracked)
+    fig = tracking_figure(rows)
+    axes = fig.axes
+    assert [ax.get_title()[:3] for ax in axes] == ["(a)", "(b)", "(c)", "(d)", "(e)"]
+    lines = {line.get_label(): line for line in axes[0].get_lines()}
+    want = sorted((r["tokens"], 100 * r["effective_rank_over_h"]) for r in rows
+                  if r["recipe"] == "lensforge" and r["lens"] == "tuned")
+    assert list(lines["lensforge"].get_ydata()) == pytest.approx([v for _, v in want])
+    kl = {line.get_label(): line for line in axes[4].get_lines()}
+    for recipe in ("tuned-lens", "lensforge"):
+        for lens, label in (("tuned", "tuned"), ("lora_k4", "k=4")):
+            want = sorted((r["tokens"], r["kl"]) for r in rows
+                          if r["recipe"] == recipe and r["lens"] == lens)
+            assert list(kl[f"{recipe} {label}"].get_ydata()) == pytest.approx(
+                [v for _, v in want])
+    assert any(name.startswith("logit lens") for name in kl)
+    plt.close(fig)
+
+
 def test_rows_files_and_figure(tracked):
     rows = _rows(tracked)
     # 2 recipes x (step 0 + 3 milestones) x (tuned + 2 LoRA)

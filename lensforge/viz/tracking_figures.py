@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from matplotlib.ticker import FuncFormatter
+
 from lensforge.analysis.tracking import PAPER, RECIPES, TrackRow
 from lensforge.viz._mpl import pyplot
 
@@ -26,14 +28,25 @@ def _x(tokens: int, zero_at: float) -> float:
 
 def plot_tracking(rows: Sequence[TrackRow], path: str | os.PathLike, title: str | None = None
                   ) -> Path:
-    """Four panels against training tokens (log2): the tuned lens's effective rank and
+    """Five panels against training tokens (log2): the tuned lens's effective rank and
     participation ratio (% of H) and components for 90% energy, one line per recipe; the
-    RAF of each LoRA-Lens against its recipe's tuned lens, one line per recipe and k.
+    RAF of each LoRA-Lens against its recipe's tuned lens, one line per recipe and k; the
+    held-out KL of every lens beside the logit lens's.
     Shaded: the paper's effective rank < 3% of H, PR ≈ H/2 (a line), RAF 0.12–0.15."""
+    fig = tracking_figure(rows, title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def tracking_figure(rows: Sequence[TrackRow], title: str | None = None):  # noqa: ANN201
+    """The matplotlib Figure of `plot_tracking` (axes in panel order)."""
     positive = sorted({r["tokens"] for r in rows if r["tokens"] > 0})
     zero_at = positive[0] / 2 if positive else 1.0
     recipes = [name for name in RECIPES if any(r["recipe"] == name for r in rows)]
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.6))
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4.6))
     spectrum_panels: tuple[tuple[_SpectrumPanel, float, str], ...] = (
         ("effective_rank_over_h", 100.0, "(a) tuned lens: effective rank, % of H"),
         ("participation_ratio_over_h", 100.0, "(b) tuned lens: participation ratio, % of H"),
@@ -66,6 +79,27 @@ def plot_tracking(rows: Sequence[TrackRow], path: str | os.PathLike, title: str 
     low, high = PAPER["raf"]
     axes[3].axhspan(low, high, label=f"paper: RAF {low}–{high}", **_PAPER_STYLE)
     axes[3].set_title("(d) LoRA-Lens RAF against the recipe's tuned lens", fontsize=10)
+    for recipe in recipes:
+        lens_k = {r["lens"]: r.get("k") for r in rows if r["recipe"] == recipe}
+        for name, k in sorted(lens_k.items(), key=lambda item: item[1] or 0):  # tuned, k up
+            pts = sorted((r["tokens"], r["kl"]) for r in rows if r["recipe"] == recipe
+                         and r["lens"] == name and r["kl"] is not None)
+            marker = "o" if k is None else _K_MARKERS[ks.index(k) % len(_K_MARKERS)]
+            axes[4].plot([_x(t, zero_at) for t, _ in pts], [v for _, v in pts],
+                         color=_RECIPE_COLORS.get(recipe), marker=marker, markersize=4,
+                         linewidth=1.8 if k is None else 1.0,
+                         linestyle="-" if k is None else ":",
+                         label=f"{recipe} {'tuned' if k is None else f'k={k}'}")
+    logit = next((r["kl_logit"] for r in rows if r["kl_logit"] is not None), None)
+    if logit is not None:
+        axes[4].axhline(logit, color="0.35", linestyle="--", linewidth=1.2,
+                        label=f"logit lens {logit:.2f}")
+    axes[4].set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    axes[4].yaxis.set_major_formatter(plain)
+    axes[4].yaxis.set_minor_formatter(plain)
+    axes[4].tick_params(axis="y", which="minor", labelsize=7)
+    axes[4].set_title("(e) held-out KL, mean over layers (nats)", fontsize=10)
     for ax in axes:
         ax.set_xscale("log", base=2)
         ticks = ([zero_at] if any(r["tokens"] == 0 for r in rows) else []) + positive
@@ -78,12 +112,8 @@ def plot_tracking(rows: Sequence[TrackRow], path: str | os.PathLike, title: str 
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def _tok(t: float) -> str:
