@@ -50,17 +50,19 @@ def evaluate(
     token_chunk: int | None = None,
     readout: Readout | None = None,
     progress: bool | None = None,
+    with_logit: bool = True,
 ) -> dict[str, LayerMetrics]:
     """Per-layer KL, CE, entropy, P@1, P@5 and surprisal for each lens (nats).
 
     `batches` yields [B, T] token ids, or (ids, mask) pairs where the Bool mask [B, T]
     keeps the positions to score (e.g. only a generated reply). Returns {lens name:
-    accumulator result}; the logit lens is added as "logit" when absent. `progress`:
+    accumulator result}; the logit lens is added as "logit" when absent (unless
+    `with_logit` is False: a caller that already has its numbers). `progress`:
     a progress bar with tokens/s and ETA on stderr (default: when stderr is a terminal).
     `max_tokens`: score exactly this many positions (the batch that crosses it is cut).
     """
     lenses = dict(lenses)
-    if not any(isinstance(lens, LogitLens) for lens in lenses.values()):
+    if with_logit and not any(isinstance(lens, LogitLens) for lens in lenses.values()):
         lenses = {"logit": LogitLens.from_model(adapter), **lenses}
     readout = readout or Readout(adapter.unembed)
     chunk = token_chunk or readout.block_rows

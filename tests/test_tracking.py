@@ -135,11 +135,11 @@ def test_resume_continues_without_redoing_milestones(ws, tmp_path, monkeypatch):
     measured: list[int] = []
     real = tracking.measure
 
-    def counting(cfg, adapter, lenses, readout=None):
+    def counting(cfg, adapter, lenses, readout=None, logit=None):
         measured.append(1)
         if stop_at and len(measured) == stop_at:
             raise _Interrupt  # killed while measuring: the step's checkpoint is on disk
-        return real(cfg, adapter, lenses, readout)
+        return real(cfg, adapter, lenses, readout, logit)
 
     monkeypatch.setattr(tracking, "measure", counting)
     out = tmp_path / "resumed"

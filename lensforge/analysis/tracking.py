@@ -218,13 +218,19 @@ def heldout_batches(cfg: TrackConfig, adapter: ModelAdapter):  # noqa: ANN201 â€
 
 
 def measure(cfg: TrackConfig, adapter: ModelAdapter, lenses: dict[str, Lens],
-            readout: Readout | None = None) -> dict[str, LensMeasurement]:
-    """{lens: metrics}: held-out KL (mean and per layer), RAF against "tuned", spectrum."""
+            readout: Readout | None = None, logit: dict | None = None
+            ) -> dict[str, LensMeasurement]:
+    """{lens: metrics}: held-out KL (mean and per layer), RAF against "tuned", spectrum.
+    `logit`: the logit lens's results on the same tokens, when already known (it never
+    changes along training, so `track` evaluates it once)."""
     t0 = time.perf_counter()
     # Tracking must not change the training it watches: keep the global RNG as it was.
     with torch.random.fork_rng(devices=[]):
         results = evaluate(adapter, lenses, heldout_batches(cfg, adapter),
-                           max_tokens=cfg.eval_tokens, readout=readout, progress=False)
+                           max_tokens=cfg.eval_tokens, readout=readout, progress=False,
+                           with_logit=logit is None)
+    if logit is not None:
+        results["logit"] = logit  # type: ignore[assignment]
     raf = raf_table(results, "tuned") if "tuned" in results else {}
     eval_s = time.perf_counter() - t0
     out: dict[str, LensMeasurement] = {}
@@ -295,6 +301,7 @@ def track(cfg: TrackConfig, adapter: ModelAdapter, out: Path, *, resume: bool = 
     schedule = cfg.validate()
     rows = list(rows or [])
     readout = Readout(adapter.unembed)
+    logit: dict = {}  # the logit lens's results, once measured
     for recipe in cfg.recipes:
         done = {r["step"] for r in rows if r["recipe"] == recipe}
         if all(step in done for step in schedule):
@@ -310,7 +317,12 @@ def track(cfg: TrackConfig, adapter: ModelAdapter, out: Path, *, resume: bool = 
             folder = out / recipe / "milestones" / str(tokens)
             for name, lens in lenses.items():  # first, so a kill mid-eval keeps the state
                 save_lens(lens, folder / name)
-            for metrics in measure(cfg, adapter, lenses, readout).values():
+            if not logit:
+                with torch.random.fork_rng(devices=[]):
+                    logit.update(evaluate(adapter, {}, heldout_batches(cfg, adapter),
+                                          max_tokens=cfg.eval_tokens, readout=readout,
+                                          progress=False)["logit"])
+            for metrics in measure(cfg, adapter, lenses, readout, logit).values():
                 rows.append({"recipe": recipe, "milestone": schedule[step], "step": step,
                              "tokens": tokens, **metrics})
             done.add(step)
