@@ -46,7 +46,7 @@ def tracking_figure(rows: Sequence[TrackRow], title: str | None = None):  # noqa
     positive = sorted({r["tokens"] for r in rows if r["tokens"] > 0})
     zero_at = positive[0] / 2 if positive else 1.0
     recipes = [name for name in RECIPES if any(r["recipe"] == name for r in rows)]
-    fig, axes = plt.subplots(1, 5, figsize=(25, 4.6))
+    fig, axes = plt.subplots(1, 5, figsize=(25, 6.4))
     spectrum_panels: tuple[tuple[_SpectrumPanel, float, str], ...] = (
         ("effective_rank_over_h", 100.0, "(a) tuned lens: effective rank, % of H"),
         ("participation_ratio_over_h", 100.0, "(b) tuned lens: participation ratio, % of H"),
@@ -109,7 +109,10 @@ def tracking_figure(rows: Sequence[TrackRow], title: str | None = None):  # noqa
         ax.set_xlabel("training tokens (lensforge recipe: after the closed form)")
         ax.grid(True, alpha=0.3)
         ax.spines[["top", "right"]].set_visible(False)
-        ax.legend(fontsize=7)
+        # Below the axes, so a dozen recipe x k lines never hide the data.
+        n = len(ax.get_legend_handles_labels()[1])
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                  ncol=3 if n > 6 else 2, frameon=False)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
